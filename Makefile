@@ -1,0 +1,54 @@
+# edge-agent: `make run` bootstraps a fresh Debian machine and starts the agent on
+# its embedded defaults; `make test` bootstraps the same way and runs the suite.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# System packages the native build, the tests and the benchmarks need.
+APT_PACKAGES := clang lld wasi-libc libclang-rt-14-dev-wasm32 \
+	mosquitto mosquitto-clients docker-registry skopeo wrk systemd
+PYTEST_ARGS ?=
+RUN_ARGS ?=
+
+.PHONY: all bootstrap system-deps venv native run test lint bench clean distclean
+
+all: bootstrap
+
+bootstrap: system-deps $(VENV)/.installed native
+
+# Installs only what is missing; needs root (or passwordless sudo) for apt.
+system-deps:
+	@scripts/install-system-deps.sh $(APT_PACKAGES)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Rebuilds the wasm kernels and checks they match the committed package data.
+native: $(VENV)/.installed
+	$(MAKE) -s -C native check
+
+run: bootstrap
+	$(BIN)/edge-agent run $(RUN_ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check agent simulator tests bench
+	$(BIN)/ruff format --check agent simulator tests bench
+
+test: bootstrap
+	$(BIN)/ruff check agent simulator tests bench
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: bootstrap
+	$(BIN)/python bench/run_all.py
+
+clean:
+	$(MAKE) -s -C native clean
+	rm -rf .pytest_cache .ruff_cache
+
+distclean: clean
+	rm -rf $(VENV) .venv-bench

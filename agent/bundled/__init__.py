@@ -1,0 +1,1 @@
+"""Reference models shipped inside the package (served offline on a fresh node)."""

@@ -1,0 +1,210 @@
+"""Content-addressed blob store: every blob lives at ``blobs/sha256/<hex>``.
+
+A blob only appears under its digest once its bytes hashed to that digest and
+reached the disk: writers stream into ``tmp/``, fsync, then rename, so a crash
+(or ``kill -9``) leaves either the whole blob or nothing but a temp file.
+Partial downloads are kept in ``tmp/`` under the digest they are expected to
+have, so an interrupted pull can resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from agent.errors import CorruptBlob, NotFound
+
+CHUNK = 1 << 20
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def split_digest(digest: str) -> tuple[str, str]:
+    """'sha256:<64 hex>' to ('sha256', hex); anything else is refused."""
+    algo, sep, hexpart = digest.partition(":")
+    if algo != "sha256" or not sep or len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    return algo, hexpart
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobWriter:
+    """Streams one blob into the store, hashing as it goes.
+
+    With ``expected`` set, the partial file is named after that digest and
+    kept on failure, so :meth:`BlobStore.partial_size` tells a resuming pull
+    where to start; :meth:`commit` refuses content that does not match.
+    """
+
+    def __init__(self, store: BlobStore, expected: str | None = None, resume: bool = False):
+        self._store = store
+        self.expected = expected
+        self._hash = hashlib.sha256()
+        self.size = 0
+        if expected is not None:
+            split_digest(expected)
+            self.path = store.partial_path(expected)
+            mode = "r+b" if resume and self.path.exists() else "wb"
+            self._fh: BinaryIO = open(self.path, mode)  # noqa: SIM115 - closed in commit/abort
+            if mode == "r+b":
+                # Re-hash what is already there: the hash state is not persisted.
+                while chunk := self._fh.read(CHUNK):
+                    self._hash.update(chunk)
+                    self.size += len(chunk)
+        else:
+            fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="blob-")
+            self.path = Path(name)
+            self._fh = os.fdopen(fd, "wb")
+        self._done = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._fh.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+    def commit(self) -> str:
+        """Make the blob visible under its digest; returns the digest."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        digest = self.digest
+        if self.expected is not None and digest != self.expected:
+            self.path.unlink(missing_ok=True)
+            self._done = True
+            raise CorruptBlob(f"blob content hashes to {digest}, expected {self.expected}")
+        final = self._store.path(digest)
+        os.replace(self.path, final)
+        fsync_dir(final.parent)
+        self._done = True
+        return digest
+
+    def abort(self, keep_partial: bool = True) -> None:
+        """Stop writing; a named partial is kept for resume unless told otherwise."""
+        if self._done:
+            return
+        self._done = True
+        self._fh.close()
+        if self.expected is None or not keep_partial:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class BlobStore:
+    """Blobs under ``root/blobs/sha256``; temp and partial files under ``root/tmp``."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.blob_dir = self.root / "blobs" / "sha256"
+        self.tmp_dir = self.root / "tmp"
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        return self.blob_dir / split_digest(digest)[1]
+
+    def partial_path(self, digest: str) -> Path:
+        return self.tmp_dir / f"partial-{split_digest(digest)[1]}"
+
+    def partial_size(self, digest: str) -> int:
+        try:
+            return self.partial_path(digest).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).exists()
+
+    def size(self, digest: str) -> int:
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError as exc:
+            raise NotFound(f"blob {digest} is not in the store") from exc
+
+    def writer(self, expected: str | None = None, resume: bool = False) -> BlobWriter:
+        return BlobWriter(self, expected, resume)
+
+    def put_bytes(self, data: bytes, expected: str | None = None) -> str:
+        digest = sha256_digest(data)
+        if expected is not None and digest != expected:
+            raise CorruptBlob(f"blob content hashes to {digest}, expected {expected}")
+        if self.has(digest):
+            return digest
+        with self.writer() as writer:
+            writer.write(data)
+            return writer.commit()
+
+    def put_file(self, src: Path, expected: str | None = None) -> str:
+        with open(src, "rb") as fh, self.writer() as writer:
+            while chunk := fh.read(CHUNK):
+                writer.write(chunk)
+            if expected is not None and writer.digest != expected:
+                raise CorruptBlob(f"{src} hashes to {writer.digest}, expected {expected}")
+            return writer.commit()
+
+    def read_bytes(self, digest: str, verify: bool = True) -> bytes:
+        """The blob's bytes; with ``verify``, refuses content that no longer matches."""
+        try:
+            data = self.path(digest).read_bytes()
+        except FileNotFoundError as exc:
+            raise NotFound(f"blob {digest} is not in the store") from exc
+        if verify and sha256_digest(data) != digest:
+            raise CorruptBlob(f"blob {digest} is corrupt: its content hashes to {sha256_digest(data)}")
+        return data
+
+    def verify(self, digest: str) -> bool:
+        """Re-hash a blob on disk; False when it is missing or does not match."""
+        hasher = hashlib.sha256()
+        try:
+            with open(self.path(digest), "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    hasher.update(chunk)
+        except FileNotFoundError:
+            return False
+        return "sha256:" + hasher.hexdigest() == digest
+
+    def delete(self, digest: str) -> None:
+        self.path(digest).unlink(missing_ok=True)
+
+    def quarantine(self, digest: str) -> Path:
+        """Move a blob that failed verification aside, keeping it for inspection."""
+        qdir = self.root / "quarantine"
+        qdir.mkdir(exist_ok=True)
+        target = qdir / split_digest(digest)[1]
+        shutil.move(str(self.path(digest)), target)
+        return target
+
+    def digests(self) -> Iterator[str]:
+        for entry in self.blob_dir.iterdir():
+            if len(entry.name) == 64:
+                yield "sha256:" + entry.name
+
+    def clean_tmp(self, keep_partials: bool = True) -> None:
+        """Remove leftovers of writes a crash interrupted (partials are resumable)."""
+        for entry in self.tmp_dir.iterdir():
+            if keep_partials and entry.name.startswith("partial-"):
+                continue
+            entry.unlink(missing_ok=True)

@@ -1,0 +1,41 @@
+"""The ``edge-agent`` command line. Each area registers its verbs from its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from agent import __version__, exitcodes
+from agent.cli import core, images, lifecycle
+from agent.errors import AgentError, ConfigError
+
+AREAS = (core, images, lifecycle)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Edge inference daemon: serves WebAssembly model images over the Open Inference Protocol.",
+        epilog="Configuration: --config FILE (TOML), then EDGE_AGENT_* environment variables, then flags.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for area in AREAS:
+        area.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG
+    except AgentError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", exitcodes.FAILURE)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,303 @@
+"""Core verbs: run, models, import, infer, status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent import exitcodes, logs
+from agent.config import Config
+from agent.errors import AgentError
+
+
+class ClientError(AgentError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def add_config_options(parser: argparse.ArgumentParser, listen: bool = True) -> None:
+    """Options every verb shares, so --state-dir/--config mean the same everywhere."""
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--config", metavar="FILE", help="TOML config file (env EDGE_AGENT_CONFIG)")
+    group.add_argument("--state-dir", metavar="DIR", help="state directory (env EDGE_AGENT_STATE_DIR)")
+    if listen:
+        group.add_argument("--listen", metavar="HOST:PORT", help="API address (env EDGE_AGENT_LISTEN)")
+
+
+def load_config(args: argparse.Namespace, **extra: Any) -> Config:
+    overrides = {
+        "state_dir": getattr(args, "state_dir", None),
+        "listen": getattr(args, "listen", None),
+        **extra,
+    }
+    return Config.load(file=getattr(args, "config", None), overrides=overrides)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the agent in the foreground",
+        description="Run the agent: load the active models from the local store, serve the Open Inference "
+        "Protocol on --listen, stop cleanly on SIGTERM/SIGINT.",
+    )
+    add_config_options(p)
+    p.add_argument("--node-id", help="node identity (default: host name; env EDGE_AGENT_NODE_ID)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    p.add_argument("--log-format", choices=["auto", "json", "console"], help="default auto")
+    p.add_argument("--pool-size", type=int, help="warm instances per model version (default 2)")
+    p.add_argument("--no-seed", action="store_true", help="do not import the bundled models into an empty store")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "models",
+        help="list stored models and versions",
+        description="List the models and versions in the local store, which one is active, and their blob digests.",
+    )
+    add_config_options(p, listen=False)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "import",
+        help="add a model version from a local directory",
+        description="Import a model directory (model.json, model.wasm, weights.safetensors) into the local "
+        "store. It becomes the active version when the model has none, or with --activate.",
+    )
+    add_config_options(p, listen=False)
+    p.add_argument("path", metavar="PATH", help="model directory")
+    p.add_argument("--activate", action="store_true", help="make it the active version")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser(
+        "infer",
+        help="send an inference request to the running agent",
+        description="POST an inference request to the agent. The input is either a whole Open Inference "
+        'Protocol request ({"inputs": [...]}) or a bare JSON array for a single-input model.',
+    )
+    add_config_options(p)
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--input", "-i", required=True, metavar="FILE", help="JSON file, or - for standard input")
+    p.add_argument("--model-version", metavar="V", help="address one loaded version")
+    p.add_argument("--url", help="agent base URL (default: http://<listen>)")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser(
+        "status",
+        help="show the running agent's state",
+        description="Ask the running agent whether it is live and ready, and what it serves. "
+        f"Exit {exitcodes.OK} when ready, {exitcodes.TEMPFAIL} when live but not ready, "
+        f"{exitcodes.UNAVAILABLE} when unreachable.",
+    )
+    add_config_options(p)
+    p.add_argument("--url", help="agent base URL (default: http://<listen>)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+
+# -- run ------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.daemon import Agent  # heavy imports only for the daemon itself
+
+    extra: dict[str, Any] = {
+        "node_id": args.node_id,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+        "pool_size": args.pool_size,
+    }
+    if args.no_seed:
+        extra["seed_bundled"] = False
+    config = load_config(args, **extra)
+    logs.configure(config.log_level, config.log_format)
+
+    async def main() -> int:
+        agent = Agent(config)
+        from agent.lifecycle import attach_lifecycle
+
+        attach_lifecycle(agent)
+        return await agent.serve_forever()
+
+    return asyncio.run(main())
+
+
+# -- models / import ------------------------------------------------------------------------
+def _open_store(args: argparse.Namespace) -> Any:
+    from agent.cas import BlobStore
+    from agent.repository import ModelRepository
+    from agent.state import StateDB
+
+    config = load_config(args)
+    blobs = BlobStore(config.state_dir)
+    return ModelRepository(blobs, StateDB(config.state_dir / "agent.db"))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    repo = _open_store(args)
+    rows = []
+    for mrec in repo.db.models():
+        for rec in repo.db.versions(mrec.name):
+            rows.append(
+                {
+                    "model": rec.model,
+                    "version": rec.version,
+                    "active": rec.version == mrec.active_version,
+                    "pinned": mrec.pinned and rec.version == mrec.active_version,
+                    "status": rec.status,
+                    "source": rec.source,
+                    "module": rec.module_digest,
+                    "weights": rec.weights_digest,
+                    "error": rec.error,
+                }
+            )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return exitcodes.OK
+    if not rows:
+        print("no models in the store")
+        return exitcodes.OK
+    print(f"{'MODEL':<20} {'VERSION':<12} {'ACTIVE':<7} {'STATUS':<8} {'MODULE':<20} SOURCE")
+    for r in rows:
+        active = "*" if r["active"] else ""
+        if r["pinned"]:
+            active += " pin"
+        print(f"{r['model']:<20} {r['version']:<12} {active:<7} {r['status']:<8} {r['module'][7:19]:<20} {r['source']}")
+    return exitcodes.OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    repo = _open_store(args)
+    path = Path(args.path)
+    if not path.is_dir():
+        print(f"edge-agent: {path} is not a directory", file=sys.stderr)
+        return exitcodes.NOINPUT
+    try:
+        record = repo.import_dir(path)
+    except AgentError as exc:
+        print(f"edge-agent: cannot import {path}: {exc}", file=sys.stderr)
+        return exitcodes.DATAERR
+    mrec = repo.db.get_model(record.model)
+    activated = False
+    if args.activate or mrec is None or not mrec.active_version:
+        repo.db.set_active(record.model, record.version)
+        activated = True
+    print(
+        f"imported {record.model}:{record.version} (module {record.module_digest[:19]})"
+        + (", active" if activated else "")
+    )
+    if activated:
+        print(f"a running agent serves it after `edge-agent deploy store:{record.model}:{record.version}` or a restart")
+    return exitcodes.OK
+
+
+# -- client verbs ---------------------------------------------------------------------------
+def base_url(args: argparse.Namespace) -> tuple[str, int]:
+    if args.url:
+        rest = args.url.split("://", 1)[-1].rstrip("/")
+        host, _, port = rest.rpartition(":")
+        return host.strip("[]"), int(port)
+    host, port = load_config(args).host_port
+    return ("127.0.0.1" if host in ("0.0.0.0", "") else host), port
+
+
+def request(
+    args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: float = 30.0
+) -> tuple[int, Any]:
+    host, port = base_url(args)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    payload = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"} if payload is not None else {}
+    try:
+        conn.request(method, path, body=payload, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+    except OSError as exc:
+        raise ClientError(f"agent at {host}:{port} is not reachable: {exc}", exitcodes.UNAVAILABLE) from exc
+    finally:
+        conn.close()
+    try:
+        doc = json.loads(data) if data else None
+    except ValueError:
+        doc = data.decode(errors="replace")
+    return resp.status, doc
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    try:
+        text = sys.stdin.read() if args.input == "-" else Path(args.input).read_text()
+    except OSError as exc:
+        print(f"edge-agent: cannot read {args.input}: {exc.strerror}", file=sys.stderr)
+        return exitcodes.NOINPUT
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        print(f"edge-agent: {args.input} is not valid JSON: {exc}", file=sys.stderr)
+        return exitcodes.DATAERR
+    prefix = f"/v2/models/{args.model}" + (f"/versions/{args.model_version}" if args.model_version else "")
+    if not (isinstance(doc, dict) and "inputs" in doc):
+        status, meta = request(args, "GET", prefix)
+        if status != 200:
+            return _client_failure(status, meta)
+        if len(meta["inputs"]) != 1:
+            print('edge-agent: the model has several inputs; give a whole request with "inputs"', file=sys.stderr)
+            return exitcodes.DATAERR
+        doc = {"inputs": [bare_tensor(doc, meta["inputs"][0])]}
+    status, result = request(args, "POST", prefix + "/infer", doc)
+    if status != 200:
+        return _client_failure(status, result)
+    print(json.dumps(result, indent=2))
+    return exitcodes.OK
+
+
+def bare_tensor(data: Any, input_meta: dict[str, Any]) -> dict[str, Any]:
+    """Wrap a bare (nested) array as the model's input, adding the batch dimension if missing."""
+    array = np.asarray(data)
+    row = input_meta["shape"][1:]
+    if list(array.shape) == row:
+        array = array.reshape([1, *row])
+    return {
+        "name": input_meta["name"],
+        "datatype": input_meta["datatype"],
+        "shape": list(array.shape),
+        "data": array.ravel().tolist(),
+    }
+
+
+def _client_failure(status: int, doc: Any) -> int:
+    message = doc.get("error") if isinstance(doc, dict) else doc
+    print(f"edge-agent: agent answered {status}: {message}", file=sys.stderr)
+    if status in (400, 413):
+        return exitcodes.DATAERR
+    if status in (404, 503):
+        return exitcodes.UNAVAILABLE
+    return exitcodes.SOFTWARE
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        _, _live = request(args, "GET", "/v2/health/live", timeout=5)
+    except ClientError as exc:
+        if args.json:
+            print(json.dumps({"live": False, "ready": False, "error": str(exc)}))
+        else:
+            print(f"agent: not running ({exc})")
+        return exitcodes.UNAVAILABLE
+    ready_status, _ = request(args, "GET", "/v2/health/ready", timeout=5)
+    index_status, index = request(args, "POST", "/v2/repository/index", {}, timeout=5)
+    models = index if index_status == 200 and isinstance(index, list) else []
+    ready = ready_status == 200
+    if args.json:
+        print(json.dumps({"live": True, "ready": ready, "models": models}, indent=2))
+    else:
+        host, port = base_url(args)
+        print(f"agent: live, {'ready' if ready else 'NOT ready'} at http://{host}:{port}")
+        for m in models:
+            reason = f"  ({m['reason']})" if m.get("reason") else ""
+            print(f"  {m['name']:<20} {m.get('version') or '-':<12} {m['state']}{reason}")
+    return exitcodes.OK if ready else exitcodes.TEMPFAIL

@@ -1,0 +1,9 @@
+"""CLI verbs for the images area (filled in by its issue)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    return None

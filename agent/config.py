@@ -1,0 +1,185 @@
+"""Agent configuration: built-in defaults < TOML file < environment < flags.
+
+Core settings are typed fields of :class:`Config`. Each later subsystem (MQTT,
+registry, trust, Kubernetes) keeps its own table in the TOML file and parses
+it from :meth:`Config.section`, so adding a subsystem never touches this file.
+
+Environment variables: ``EDGE_AGENT_<FIELD>`` for core fields (for example
+``EDGE_AGENT_STATE_DIR``, ``EDGE_AGENT_LISTEN``) and
+``EDGE_AGENT_<SECTION>__<KEY>`` for a key of a section (for example
+``EDGE_AGENT_MQTT__HOST``). ``EDGE_AGENT_CONFIG`` names the TOML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from agent.errors import ConfigError
+
+ENV_PREFIX = "EDGE_AGENT_"
+DEFAULT_CONFIG_FILE = Path("/etc/edge-agent/config.toml")
+
+
+def default_state_dir() -> Path:
+    """systemd's StateDirectory when set, else the FHS or XDG location."""
+    if state := os.environ.get("STATE_DIRECTORY"):
+        return Path(state.split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/edge-agent")
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "edge-agent"
+
+
+@dataclasses.dataclass
+class Config:
+    """Core settings. Field docs double as the reference in docs/CONFIG.md."""
+
+    state_dir: Path = dataclasses.field(default_factory=default_state_dir)
+    listen: str = "127.0.0.1:8080"
+    node_id: str = dataclasses.field(default_factory=socket.gethostname)
+    log_level: str = "info"
+    log_format: str = "auto"  # auto: readable on a terminal, JSON otherwise
+    # Pre-instantiated, pre-warmed instances per loaded model version.
+    pool_size: int = 2
+    # Per-request wasm deadline; the model's own hint may only lower it.
+    request_timeout_ms: int = 1000
+    # Per-instance linear-memory cap; the model's own hint may only lower it.
+    memory_limit_mb: int = 256
+    # Requests whose expected compute time is below this run on the event loop:
+    # a hop to a worker thread costs tens of microseconds, more than the model.
+    inline_threshold_us: int = 200
+    worker_threads: int = 4
+    max_body_bytes: int = 8 * 1024 * 1024
+    # How long SIGTERM waits for in-flight requests before closing anyway.
+    drain_timeout_s: float = 10.0
+    # Import the bundled reference models into an empty store at start-up.
+    seed_bundled: bool = True
+    # Bearer token guarding the local control API (repository extension).
+    api_token: str = ""
+    sections: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The raw ``[name]`` table (file values overlaid by the environment)."""
+        return dict(self.sections.get(name, {}))
+
+    @classmethod
+    def load(
+        cls,
+        file: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Config:
+        """Build a config from the layers; ``overrides`` are command-line flags."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        sections: dict[str, dict[str, Any]] = {}
+
+        path = Path(file) if file else (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None)
+        if path is None and env.get("CONFIGURATION_DIRECTORY"):
+            candidate = Path(env["CONFIGURATION_DIRECTORY"].split(":")[0]) / "config.toml"
+            path = candidate if candidate.exists() else None
+        if path is None and DEFAULT_CONFIG_FILE.exists():
+            path = DEFAULT_CONFIG_FILE
+        if path is not None:
+            file_values = _read_toml(path)
+            agent_table = file_values.pop("agent", {})
+            if not isinstance(agent_table, dict):
+                raise ConfigError(f"{path}: [agent] must be a table")
+            values.update(agent_table)
+            for key, value in file_values.items():
+                if isinstance(value, dict):
+                    sections[key] = dict(value)
+                else:
+                    values[key] = value  # top-level keys are core fields too
+
+        fields = {f.name for f in dataclasses.fields(cls) if f.name != "sections"}
+        for name, raw in env.items():
+            if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+                continue
+            key = name[len(ENV_PREFIX) :].lower()
+            if "__" in key:
+                section, _, sub = key.partition("__")
+                sections.setdefault(section, {})[sub] = raw
+            elif key in fields:
+                values[key] = raw
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key] = value
+
+        unknown = set(values) - fields
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        hints = get_type_hints(cls)
+        typed = {key: coerce(key, value, hints[key]) for key, value in values.items()}
+        config = cls(**typed, sections=sections)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        parse_listen(self.listen)
+        for name in ("pool_size", "request_timeout_ms", "memory_limit_mb", "worker_threads", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.log_format not in ("auto", "json", "console"):
+            raise ConfigError(f"log_format must be auto, json or console, got {self.log_format!r}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ConfigError(f"log_level must be debug, info, warning, error or critical, got {self.log_level!r}")
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """'HOST:PORT' (IPv6 as '[::1]:PORT') to (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"listen must be HOST:PORT, got {listen!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def coerce(name: str, value: Any, kind: Any) -> Any:
+    """Convert a file or environment value to the field's type, or say why not."""
+    kind_name = getattr(kind, "__name__", str(kind))
+    try:
+        if kind is bool or kind_name == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind is int or kind_name == "int":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind is float or kind_name == "float":
+            return float(value)
+        if kind is Path or kind_name == "Path":
+            return Path(str(value)).expanduser()
+        if kind is str or kind_name == "str":
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: cannot use {value!r} as {kind_name}") from exc
+    return value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from exc

@@ -1,0 +1,224 @@
+"""The agent: one object that owns a node's store, runtime, models, API and services.
+
+Everything an agent touches lives under its state directory and every port
+comes from its config, so many agents can run in one process (the fleet
+simulator) — there is no module-level state. ``edge-agent run`` is
+``Agent(config).serve_forever()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import structlog
+
+from agent import exitcodes
+from agent.cas import BlobStore
+from agent.config import Config
+from agent.errors import AgentError, CorruptBlob
+from agent.events import EventBus
+from agent.metrics import Metrics
+from agent.models import ModelManager, Route
+from agent.repository import ModelRepository
+from agent.runtime import LoadSettings, WasmRuntime
+from agent.server.http import HttpServer
+from agent.server.oip import InferenceAPI
+from agent.state import StateDB
+
+
+class StateDirError(AgentError):
+    exit_code = exitcodes.CANTCREAT
+
+
+class ListenError(AgentError):
+    exit_code = exitcodes.OSERR
+
+
+class Service(Protocol):
+    """A subsystem the agent starts after its API is up and stops before it drains."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class Agent:
+    def __init__(self, config: Config, runtime: WasmRuntime | None = None):
+        self.config = config
+        self.log = structlog.get_logger("edge_agent").bind(node=config.node_id)
+        state = config.state_dir
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+            probe = state / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StateDirError(f"state directory {state} is not usable: {exc.strerror or exc}") from exc
+        self.blobs = BlobStore(state)
+        self.db = StateDB(state / "agent.db")
+        self.repository = ModelRepository(self.blobs, self.db)
+        self._owns_runtime = runtime is None
+        self.runtime = runtime or WasmRuntime(state / "compiled")
+        self.events = EventBus()
+        self.metrics = Metrics()
+        self.models = ModelManager(
+            self.runtime,
+            self.blobs,
+            LoadSettings(config.pool_size, config.memory_limit_mb, config.request_timeout_ms),
+            on_replace=self._instance_replaced,
+        )
+        self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="infer")
+        self.api = InferenceAPI(
+            self.models,
+            self.metrics,
+            self.executor,
+            config.inline_threshold_us,
+            is_ready=lambda: self.started and not self.stopping,
+            extra_routes=self._extra_routes,
+        )
+        self.http = HttpServer(self.api, max_body_bytes=config.max_body_bytes)
+        self.services: list[Service] = []
+        self.control: Any = None  # the reconciler's Control, set by the lifecycle layer
+        self.address: tuple[str, int] | None = None
+        self.started = False
+        self.stopping = False
+        self._stop_requested: asyncio.Event | None = None
+
+    # -- start-up ------------------------------------------------------------------------
+    async def start(self) -> None:
+        t0 = time.perf_counter()
+        self.runtime.start()
+        self.blobs.clean_tmp()
+        if self.config.seed_bundled:
+            for record in self.repository.seed_bundled():
+                self.log.info("seeded bundled model", model=record.model, version=record.version)
+        await self.load_active()
+        host, port = self.config.host_port
+        try:
+            self.address = await self.http.listen(host, port)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {self.config.listen}: {exc.strerror or exc}") from exc
+        for service in self.services:
+            await service.start()
+        self.started = True
+        self.log.info(
+            "agent ready",
+            listen=f"{self.address[0]}:{self.address[1]}",
+            models={name: route.primary.version for name, route in self.models.routes.items()},
+            broken=dict(self.models.broken),
+            startup_ms=round((time.perf_counter() - t0) * 1000, 1),
+        )
+
+    async def load_active(self) -> None:
+        """Load every model's recorded active version from the local store; no network."""
+        loop = asyncio.get_running_loop()
+        for mrec in self.db.models():
+            if not mrec.active_version:
+                continue
+            record = self.db.get_version(mrec.name, mrec.active_version)
+            if record is None:
+                self._broken(mrec.name, f"active version {mrec.active_version} is not in the store")
+                continue
+            try:
+                loaded = await loop.run_in_executor(self.executor, self.models.load, record)
+            except CorruptBlob as exc:
+                self.db.set_version_status(record.model, record.version, "broken", str(exc))
+                self._broken(mrec.name, f"corrupt blob: {exc}")
+                continue
+            except AgentError as exc:
+                self._broken(mrec.name, str(exc))
+                continue
+            self.models.route(mrec.name, Route(loaded))
+            self.log.info(
+                "model loaded",
+                model=loaded.name,
+                version=loaded.version,
+                load_ms=round(loaded.load_ms, 2),
+                instances=loaded.pool.size,
+            )
+
+    def _broken(self, model: str, reason: str) -> None:
+        self.models.mark_broken(model, reason)
+        self.db.set_model_status(model, "broken", reason)
+        self.events.publish("model.broken", model=model, error=reason)
+        self.log.error("model cannot be served", model=model, error=reason)
+
+    def _instance_replaced(self, model: str, version: str, reason: str) -> None:
+        self.metrics.instance_replacements.labels(model, version).inc()
+        self.log.warning("instance replaced", model=model, version=version, reason=reason)
+
+    def _extra_routes(self, request: Any, parts: list[str]) -> Any:
+        handler = getattr(self.control, "http_route", None)
+        return handler(request, parts) if handler is not None else None
+
+    # -- shutdown ------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, close the store cleanly."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.log.info("agent stopping", in_flight=self.http.requests_in_flight)
+        for service in reversed(self.services):
+            try:
+                await service.stop()
+            except Exception as exc:
+                self.log.error("service failed to stop", service=type(service).__name__, error=repr(exc))
+        clean = await self.http.shutdown(self.config.drain_timeout_s)
+        if not clean:
+            self.log.warning("drain timed out; remaining connections closed", timeout_s=self.config.drain_timeout_s)
+        self.executor.shutdown(wait=True, cancel_futures=False)
+        self.models.close()
+        self.db.close()
+        if self._owns_runtime:
+            self.runtime.close()
+        self.log.info("agent stopped", drained=clean)
+
+    def request_stop(self) -> None:
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def serve_forever(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the process exit code."""
+        self._stop_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        await self._stop_requested.wait()
+        await self.stop()
+        return exitcodes.OK
+
+    # -- introspection ---------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        models = []
+        for mrec in self.db.models():
+            route = self.models.routes.get(mrec.name)
+            models.append(
+                {
+                    "name": mrec.name,
+                    "active_version": mrec.active_version,
+                    "previous_version": mrec.previous_version,
+                    "pinned": mrec.pinned,
+                    "serving": [m.version for m in route.versions()] if route else [],
+                    "status": "broken" if mrec.name in self.models.broken else mrec.status,
+                    "error": self.models.broken.get(mrec.name) or mrec.error,
+                }
+            )
+        return {
+            "node": self.config.node_id,
+            "pid": os.getpid(),
+            "ready": self.started and not self.stopping,
+            "listen": f"{self.address[0]}:{self.address[1]}" if self.address else None,
+            "models": models,
+        }

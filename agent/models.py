@@ -1,0 +1,155 @@
+"""Which model versions are loaded, and where each model's traffic goes.
+
+The serving path reads ``routes[name]`` — an immutable :class:`Route` — once
+per request and sticks with the version it picked, so a request is served
+wholly by one version. Switching a model is one dict assignment of a new
+Route (atomic under the GIL); the replaced version keeps its pool until its
+in-flight requests have drained.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from agent.cas import BlobStore
+from agent.errors import NotFound, Unavailable
+from agent.runtime import LoadedModel, LoadSettings, WasmRuntime, load_version
+from agent.state import VersionRecord
+
+
+@dataclass(frozen=True)
+class Route:
+    """A model's traffic: one primary version, or a weighted split across versions."""
+
+    primary: LoadedModel
+    split: tuple[LoadedModel, ...] = ()
+    cumulative: tuple[int, ...] = ()  # running sums of the split's weights
+
+    @classmethod
+    def weighted(cls, weights: list[tuple[LoadedModel, int]]) -> Route:
+        weights = [(m, w) for m, w in weights if w > 0]
+        if not weights:
+            raise ValueError("a traffic split needs at least one positive weight")
+        primary = max(weights, key=lambda mw: mw[1])[0]
+        if len(weights) == 1:
+            return cls(primary)
+        sums = list(itertools.accumulate(w for _, w in weights))
+        return cls(primary, tuple(m for m, _ in weights), tuple(sums))
+
+    def pick(self, rng: random.Random) -> LoadedModel:
+        if not self.split:
+            return self.primary
+        point = rng.randrange(self.cumulative[-1])
+        return self.split[bisect.bisect_right(self.cumulative, point)]
+
+    def versions(self) -> list[LoadedModel]:
+        return list(self.split) if self.split else [self.primary]
+
+
+class ModelManager:
+    def __init__(
+        self,
+        runtime: WasmRuntime,
+        blobs: BlobStore,
+        settings: LoadSettings,
+        on_replace: Callable[[str, str, str], None] | None = None,
+    ):
+        self.runtime = runtime
+        self.blobs = blobs
+        self.settings = settings
+        self.routes: dict[str, Route] = {}
+        self.loaded: dict[tuple[str, str], LoadedModel] = {}
+        self.broken: dict[str, str] = {}  # model -> why it cannot be served
+        self._on_replace = on_replace
+        self._rng = random.Random()
+        self._lock = threading.Lock()
+        self.log = structlog.get_logger("edge_agent.models")
+
+    # -- serving path -------------------------------------------------------------
+    def get(self, name: str, version: str | None = None) -> LoadedModel:
+        if version is not None:
+            loaded = self.loaded.get((name, version))
+            if loaded is None:
+                if name not in self.routes and name not in self.broken:
+                    raise NotFound(f"unknown model {name!r}")
+                raise NotFound(f"model {name} has no loaded version {version!r}")
+            return loaded
+        route = self.routes.get(name)
+        if route is None:
+            if name in self.broken:
+                raise Unavailable(f"model {name} cannot be served: {self.broken[name]}")
+            raise NotFound(f"unknown model {name!r}")
+        return route.pick(self._rng)
+
+    def names(self) -> list[str]:
+        return sorted(set(self.routes) | set(self.broken))
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.routes)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def load(self, record: VersionRecord) -> LoadedModel:
+        """Load (or return the already loaded) version; blocking, run it off the loop."""
+        key = (record.model, record.version)
+        existing = self.loaded.get(key)
+        if existing is not None and existing.record.digests == record.digests:
+            return existing
+        loaded = load_version(
+            self.runtime,
+            self.blobs,
+            record,
+            self.settings,
+            on_replace=(lambda why: self._on_replace(record.model, record.version, why)) if self._on_replace else None,
+        )
+        with self._lock:
+            old = self.loaded.get(key)
+            self.loaded[key] = loaded
+        if old is not None and not self._routed(old):
+            old.close()
+        return loaded
+
+    def route(self, name: str, route: Route) -> Route | None:
+        """Atomically send ``name``'s traffic to ``route``; returns the route it replaced."""
+        with self._lock:
+            previous = self.routes.get(name)
+            self.routes[name] = route
+            self.broken.pop(name, None)
+        return previous
+
+    def unroute(self, name: str) -> Route | None:
+        with self._lock:
+            return self.routes.pop(name, None)
+
+    def mark_broken(self, name: str, reason: str) -> None:
+        with self._lock:
+            if name not in self.routes:
+                self.broken[name] = reason
+
+    def release(self, loaded: LoadedModel) -> None:
+        """Drop a version no route uses any more (call once its in-flight requests drained)."""
+        with self._lock:
+            if self._routed(loaded):
+                return
+            if self.loaded.get((loaded.name, loaded.version)) is loaded:
+                del self.loaded[(loaded.name, loaded.version)]
+        loaded.close()
+
+    def _routed(self, loaded: LoadedModel) -> bool:
+        route = self.routes.get(loaded.name)
+        return route is not None and any(m is loaded for m in route.versions())
+
+    def close(self) -> None:
+        with self._lock:
+            loaded = list(self.loaded.values())
+            self.loaded.clear()
+            self.routes.clear()
+        for model in loaded:
+            model.close()

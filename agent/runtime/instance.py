@@ -1,0 +1,237 @@
+"""One instantiated model: a wasmtime Store, its instance, and the ABI v1 calls.
+
+The per-request path calls ``ea_run`` through wasmtime's C API
+(``wasmtime_func_call_unchecked``) with a preallocated argument buffer and
+copies tensors with ``memmove``/``string_at``. ``Func.__call__`` re-reads the
+function type and converts every value on each call, which costs several
+times the digits model's whole inference; the types are checked once here at
+instantiation instead, which is what makes the unchecked call safe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+import wasmtime
+from wasmtime import _ffi as ffi
+
+from agent.errors import InferenceTimeout, InvalidModel, ModelError
+from agent.runtime.engine import WasmRuntime
+from agent.spec import ModelSpec, TensorSpec
+
+ABI_FUNCS: dict[str, tuple[int, int]] = {  # name -> (params, results), all i32
+    "ea_abi_version": (0, 1),
+    "ea_max_batch": (0, 1),
+    "ea_alloc": (1, 1),
+    "ea_init": (2, 1),
+    "ea_input": (1, 1),
+    "ea_output": (1, 1),
+    "ea_run": (1, 1),
+}
+STATUS_TEXT = {
+    -1: "batch out of range",
+    -2: "parameters do not match",
+    -3: "out of memory",
+    -4: "input refused by the model",
+    -5: "not initialised",
+    -6: "internal error",
+}
+
+_call_unchecked = ffi.dll.wasmtime_func_call_unchecked
+_call_unchecked.restype = ctypes.c_void_p
+_call_unchecked.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.POINTER(ctypes.c_void_p),
+]
+_memory_data = ffi.dll.wasmtime_memory_data
+_memory_data.restype = ctypes.c_void_p
+_memory_data.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_memory_size = ffi.dll.wasmtime_memory_data_size
+_memory_size.restype = ctypes.c_size_t
+_memory_size.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_set_deadline = ffi.dll.wasmtime_context_set_epoch_deadline
+_set_deadline.restype = None
+_set_deadline.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+
+
+class ModelInstance:
+    """Not thread-safe: the pool hands each instance to one caller at a time."""
+
+    def __init__(
+        self,
+        runtime: WasmRuntime,
+        module: wasmtime.Module,
+        spec: ModelSpec,
+        params: Mapping[str, np.ndarray],
+        memory_limit_bytes: int,
+        timeout_ms: float,
+    ):
+        self.spec = spec
+        self.runtime = runtime
+        self.timeout_ms = timeout_ms
+        self.store = wasmtime.Store(runtime.engine)
+        self.store.set_limits(memory_size=memory_limit_bytes)
+        self._ticks = runtime.deadline_ticks(timeout_ms)
+        self.store.set_epoch_deadline(self._ticks)
+        try:
+            instance = runtime.instantiate(self.store, module)
+        except wasmtime.Trap as exc:
+            raise ModelError(f"{spec.name}:{spec.version}: trap while instantiating: {exc.message}") from exc
+        except wasmtime.WasmtimeError as exc:
+            raise InvalidModel(f"{spec.name}:{spec.version}: cannot instantiate: {exc}") from exc
+        exports = instance.exports(self.store)
+        memory = exports.get("memory")
+        if not isinstance(memory, wasmtime.Memory):
+            raise InvalidModel(f"{spec.name}:{spec.version}: module does not export its memory as 'memory'")
+        self._memory = memory
+        self._funcs: dict[str, wasmtime.Func] = {}
+        for name, (nparams, nresults) in ABI_FUNCS.items():
+            func = exports.get(name)
+            if not isinstance(func, wasmtime.Func):
+                raise InvalidModel(f"{spec.name}:{spec.version}: module does not export function {name}")
+            ftype = func.type(self.store)
+            i32 = wasmtime.ValType.i32()
+            if [str(t) for t in ftype.params] != [str(i32)] * nparams or [str(t) for t in ftype.results] != [
+                str(i32)
+            ] * nresults:
+                raise InvalidModel(f"{spec.name}:{spec.version}: {name} has type {ftype}, ABI v1 wants i32 only")
+            self._funcs[name] = func
+
+        self._keepalive: list[object] = []
+        self._ctx = ctypes.cast(self.store._context(), ctypes.c_void_p).value
+        self._mem_ref = ctypes.addressof(memory._memory)
+        self._run_ref = ctypes.addressof(self._funcs["ea_run"]._func)
+        self._raw = (ctypes.c_uint64 * 2)()  # wasmtime_val_raw_t is 16 bytes
+        self._raw_ptr = ctypes.addressof(self._raw)
+        self._trap = ctypes.c_void_p()
+        self._trap_ref = ctypes.byref(self._trap)
+
+        abi = self._call("ea_abi_version")
+        if abi != spec.abi_version:
+            raise InvalidModel(
+                f"{spec.name}:{spec.version}: module reports ABI version {abi}, model.json says {spec.abi_version}"
+            )
+        max_batch = self._call("ea_max_batch")
+        if max_batch != spec.max_batch:
+            raise InvalidModel(
+                f"{spec.name}:{spec.version}: module max batch {max_batch} differs from model.json {spec.max_batch}"
+            )
+        self._load_params(params)
+        base = self._base()
+        self._inputs = [self._view(base, "ea_input", i, t) for i, t in enumerate(spec.inputs)]
+        self._outputs = [self._view(base, "ea_output", i, t) for i, t in enumerate(spec.outputs)]
+        self._deadline_epoch = -1
+
+    # -- set-up (slow path, checked calls) -----------------------------------
+    def _call(self, name: str, *args: int) -> int:
+        self.store.set_epoch_deadline(self._ticks)
+        self._deadline_epoch = -1
+        try:
+            return int(self._funcs[name](self.store, *args))
+        except wasmtime.Trap as exc:
+            raise ModelError(f"{self.spec.name}:{self.spec.version}: trap in {name}: {trap_reason(exc)}") from exc
+
+    def _load_params(self, params: Mapping[str, np.ndarray]) -> None:
+        table = bytearray()
+        for pspec in self.spec.params:
+            array = np.ascontiguousarray(params[pspec.name])
+            nbytes = array.nbytes
+            ptr = self._call("ea_alloc", nbytes) if nbytes else 0
+            if nbytes and ptr == 0:
+                raise ModelError(
+                    f"{self.spec.name}:{self.spec.version}: ea_alloc({nbytes}) failed for {pspec.name}: "
+                    "memory limit too low?"
+                )
+            if nbytes:
+                self._check_range(ptr, nbytes, f"parameter {pspec.name}")
+                ctypes.memmove(self._base() + ptr, array.ctypes.data, nbytes)
+            table += struct.pack("<II", ptr, nbytes)
+        count = len(self.spec.params)
+        table_ptr = 0
+        if count:
+            table_ptr = self._call("ea_alloc", len(table))
+            if table_ptr == 0:
+                raise ModelError(f"{self.spec.name}:{self.spec.version}: ea_alloc failed for the parameter table")
+            self._check_range(table_ptr, len(table), "parameter table")
+            ctypes.memmove(self._base() + table_ptr, bytes(table), len(table))
+        status = self._call("ea_init", table_ptr, count)
+        if status != 0:
+            raise InvalidModel(
+                f"{self.spec.name}:{self.spec.version}: ea_init failed with {status} "
+                f"({STATUS_TEXT.get(status, 'unknown status')})"
+            )
+
+    def _view(self, base: int, func: str, index: int, tspec: TensorSpec) -> np.ndarray:
+        """A NumPy view of an I/O buffer inside linear memory (max_batch rows)."""
+        ptr = self._call(func, index) & 0xFFFFFFFF
+        if ptr == 0:
+            raise InvalidModel(f"{self.spec.name}:{self.spec.version}: {func}({index}) returned no buffer")
+        nbytes = tspec.row_bytes * self.spec.max_batch
+        # Checked once: memory never shrinks nor moves (memory_may_move is off),
+        # so the view stays valid for the instance's life.
+        self._check_range(ptr, nbytes, f"{func}({index}) buffer")
+        raw = (ctypes.c_uint8 * nbytes).from_address(base + ptr)
+        view = np.frombuffer(raw, dtype=tspec.dtype).reshape((self.spec.max_batch, *tspec.row_shape))
+        self._keepalive.append(raw)
+        return view
+
+    def _check_range(self, ptr: int, nbytes: int, what: str) -> None:
+        size = _memory_size(self._ctx, self._mem_ref)
+        if ptr < 0 or ptr + nbytes > size:
+            raise InvalidModel(
+                f"{self.spec.name}:{self.spec.version}: {what} at {ptr}+{nbytes} lies outside memory ({size} bytes)"
+            )
+
+    def _base(self) -> int:
+        return _memory_data(self._ctx, self._mem_ref)
+
+    # -- per request (fast path) ---------------------------------------------
+    def run(self, inputs: list[np.ndarray], batch: int) -> list[np.ndarray]:
+        """Run ``batch`` rows (``1..max_batch``) of inputs given in spec order; returns copies."""
+        for view, array in zip(self._inputs, inputs, strict=True):
+            view[:batch] = array
+        self._raw[0] = batch
+        epoch = self.runtime.epoch
+        if epoch != self._deadline_epoch:
+            # The deadline is "ticks after the epoch when set": while the epoch
+            # has not moved, the one set last is still exactly right.
+            _set_deadline(self._ctx, self._ticks)
+            self._deadline_epoch = epoch
+        error = _call_unchecked(self._ctx, self._run_ref, self._raw_ptr, 1, self._trap_ref)
+        if error or self._trap.value:
+            self._raise_failure(error)
+        status = self._raw[0] & 0xFFFFFFFF
+        if status != 0:
+            status -= 1 << 32
+            raise ModelError(
+                f"{self.spec.name}:{self.spec.version}: ea_run returned {status} "
+                f"({STATUS_TEXT.get(status, 'unknown status')})"
+            )
+        return [view[:batch].copy() for view in self._outputs]
+
+    def _raise_failure(self, error: int | None) -> None:
+        name = f"{self.spec.name}:{self.spec.version}"
+        if self._trap.value:
+            trap = wasmtime.Trap._from_ptr(ctypes.cast(self._trap.value, ctypes.POINTER(ffi.wasm_trap_t)))
+            self._trap.value = None
+            code = trap.trap_code
+            if code == wasmtime.TrapCode.INTERRUPT:
+                raise InferenceTimeout(f"{name}: inference exceeded its {self.timeout_ms:g} ms deadline")
+            raise ModelError(f"{name}: wasm trap: {trap_reason(trap)}")
+        err = wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))
+        raise ModelError(f"{name}: wasmtime error: {str(err).splitlines()[0]}")
+
+
+def trap_reason(trap: wasmtime.Trap) -> str:
+    """The cause of a trap in a few words (wasmtime's message leads with a backtrace)."""
+    code = trap.trap_code
+    if code is not None:
+        return code.name.lower().replace("_", " ")
+    lines = [line.strip() for line in trap.message.splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown trap"

@@ -1,0 +1,174 @@
+"""A model version made servable: artefacts read from the store, checked, pooled and warm.
+
+:func:`load_version` is the path of a model from disk to a warm instance:
+blobs re-hashed against their digests -> model.json parsed -> weights parsed
+and matched to the declared parameters -> module compiled (or deserialized
+from the compile cache) -> instance pool built -> warm-up input run on every
+instance and compared with the golden output when the model ships one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import safetensors.numpy
+
+from agent.cas import BlobStore
+from agent.errors import BadRequest, InvalidModel, ModelError
+from agent.runtime.engine import WasmRuntime
+from agent.runtime.pool import InstancePool
+from agent.spec import SAFETENSORS_DTYPES, ModelSpec
+from agent.state import VersionRecord
+
+
+@dataclass
+class LoadSettings:
+    pool_size: int
+    memory_limit_mb: int
+    request_timeout_ms: int
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    record: VersionRecord
+    pool: InstancePool
+    load_ms: float
+    loaded_at: float = field(default_factory=time.time)
+    inflight: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def version(self) -> str:
+        return self.spec.version
+
+    def prepare(self, tensors: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], int]:
+        """Order, type and shape-check named inputs; returns (arrays, batch)."""
+        missing = [t.name for t in self.spec.inputs if t.name not in tensors]
+        if missing:
+            raise BadRequest(f"model {self.name} needs input(s) {', '.join(missing)}")
+        extra = set(tensors) - {t.name for t in self.spec.inputs}
+        if extra:
+            raise BadRequest(f"model {self.name} has no input(s) {', '.join(sorted(extra))}")
+        arrays = []
+        batch = -1
+        for tspec in self.spec.inputs:
+            array = tensors[tspec.name]
+            if array.ndim != len(tspec.shape) or tuple(array.shape[1:]) != tspec.row_shape:
+                raise BadRequest(
+                    f"input {tspec.name} has shape {list(array.shape)}, model {self.name} expects {list(tspec.shape)}"
+                )
+            if batch not in (-1, array.shape[0]):
+                raise BadRequest(f"inputs disagree on the batch size ({batch} vs {array.shape[0]})")
+            batch = array.shape[0]
+            arrays.append(np.ascontiguousarray(array, dtype=tspec.dtype))
+        if batch < 1:
+            raise BadRequest("batch size must be at least 1")
+        return arrays, batch
+
+    def infer(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays, batch = self.prepare(tensors)
+        outputs = self.pool.run(arrays, batch)
+        return {t.name: out for t, out in zip(self.spec.outputs, outputs, strict=True)}
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def read_artefacts(blobs: BlobStore, record: VersionRecord) -> tuple[ModelSpec, bytes, dict[str, np.ndarray]]:
+    """Read and verify a version's three blobs; CorruptBlob/NotFound when they do not check out."""
+    spec = ModelSpec.from_bytes(blobs.read_bytes(record.config_digest))
+    if (spec.name, spec.version) != (record.model, record.version):
+        raise InvalidModel(
+            f"model.json names {spec.name}:{spec.version} but the store records {record.model}:{record.version}"
+        )
+    wasm = blobs.read_bytes(record.module_digest)
+    params = parse_weights(spec, blobs.read_bytes(record.weights_digest))
+    return spec, wasm, params
+
+
+def parse_weights(spec: ModelSpec, data: bytes) -> dict[str, np.ndarray]:
+    try:
+        tensors = safetensors.numpy.load(data)
+    except Exception as exc:
+        raise InvalidModel(f"{spec.name}:{spec.version}: weights are not valid safetensors: {exc}") from exc
+    declared = {p.name for p in spec.params}
+    extra = set(tensors) - declared
+    if extra:
+        raise InvalidModel(f"{spec.name}:{spec.version}: weights hold undeclared tensor(s) {sorted(extra)}")
+    for pspec in spec.params:
+        array = tensors.get(pspec.name)
+        if array is None:
+            raise InvalidModel(f"{spec.name}:{spec.version}: weights lack parameter {pspec.name}")
+        if array.dtype != pspec.dtype or tuple(array.shape) != pspec.shape:
+            raise InvalidModel(
+                f"{spec.name}:{spec.version}: parameter {pspec.name} is {array.dtype}{list(array.shape)}, "
+                f"model.json declares {SAFETENSORS_DTYPES[pspec.datatype]}{list(pspec.shape)}"
+            )
+    return tensors
+
+
+def load_version(
+    runtime: WasmRuntime,
+    blobs: BlobStore,
+    record: VersionRecord,
+    settings: LoadSettings,
+    on_replace: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    start = time.perf_counter()
+    spec, wasm, params = read_artefacts(blobs, record)
+    module = runtime.load_module(wasm, record.module_digest)
+    memory_mb = min(settings.memory_limit_mb, spec.memory_limit_mb or settings.memory_limit_mb)
+    timeout_ms = min(settings.request_timeout_ms, spec.timeout_ms or settings.request_timeout_ms)
+    pool = InstancePool(
+        runtime,
+        module,
+        spec,
+        params,
+        size=settings.pool_size,
+        memory_limit_bytes=memory_mb * 1024 * 1024,
+        timeout_ms=timeout_ms,
+        on_replace=on_replace,
+    )
+    try:
+        warm_up(spec, pool)
+    except BaseException:
+        pool.close()
+        raise
+    return LoadedModel(spec=spec, record=record, pool=pool, load_ms=(time.perf_counter() - start) * 1000)
+
+
+def warm_up(spec: ModelSpec, pool: InstancePool) -> None:
+    """Run the warm-up input on every instance; check golden outputs when given."""
+    arrays = [np.ascontiguousarray(spec.warmup_inputs[t.name], dtype=t.dtype) for t in spec.inputs]
+    batch = arrays[0].shape[0]
+    try:
+        results = pool.warm(arrays, batch)
+    except ModelError as exc:
+        raise ModelError(f"{spec.name}:{spec.version}: warm-up failed: {exc}") from exc
+    for outputs in results:
+        for tspec, got in zip(spec.outputs, outputs, strict=True):
+            want = spec.warmup_outputs.get(tspec.name)
+            if want is None:
+                continue
+            if got.shape != want.shape:
+                raise ModelError(
+                    f"{spec.name}:{spec.version}: warm-up output {tspec.name} has shape {list(got.shape)}, "
+                    f"golden output has {list(want.shape)}"
+                )
+            if tspec.dtype.kind == "f":
+                ok = np.allclose(got, want, rtol=spec.warmup_rtol, atol=spec.warmup_atol)
+            else:
+                ok = np.array_equal(got, want)
+            if not ok:
+                raise ModelError(
+                    f"{spec.name}:{spec.version}: warm-up output {tspec.name} does not match the golden output"
+                )

@@ -1,0 +1,140 @@
+"""A pool of pre-instantiated, pre-warmed instances of one model version.
+
+Each instance has its own Store, so calls on different instances run in
+parallel on worker threads (ctypes releases the GIL for the duration of the
+wasm call). An instance that traps, times out or returns an error status is
+discarded — its memory may be half-written — and replaced by a fresh one, so
+one bad request never poisons the next.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import wasmtime
+
+from agent.errors import ModelError, Unavailable
+from agent.runtime.engine import WasmRuntime
+from agent.runtime.instance import ModelInstance
+from agent.spec import ModelSpec
+
+
+class InstancePool:
+    def __init__(
+        self,
+        runtime: WasmRuntime,
+        module: wasmtime.Module,
+        spec: ModelSpec,
+        params: Mapping[str, np.ndarray],
+        size: int,
+        memory_limit_bytes: int,
+        timeout_ms: float,
+        on_replace: Callable[[str], None] | None = None,
+    ):
+        self.spec = spec
+        self.size = size
+        self.timeout_ms = timeout_ms
+        self._factory = lambda: ModelInstance(runtime, module, spec, params, memory_limit_bytes, timeout_ms)
+        self._on_replace = on_replace
+        self._cond = threading.Condition()
+        self._idle: list[ModelInstance] = [self._factory() for _ in range(size)]
+        self._closed = False
+        self.replaced = 0
+        # Smoothed compute time of one call, used to decide inline vs worker.
+        self.ewma_us = 0.0
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def try_acquire(self) -> ModelInstance | None:
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"{self.spec.name}:{self.spec.version} is unloaded")
+            return self._idle.pop() if self._idle else None
+
+    def acquire(self, timeout: float | None = None) -> ModelInstance:
+        with self._cond:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._idle:
+                if self._closed:
+                    raise Unavailable(f"{self.spec.name}:{self.spec.version} is unloaded")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise Unavailable(f"{self.spec.name}:{self.spec.version}: no instance free in time")
+                self._cond.wait(remaining)
+            if self._closed:
+                raise Unavailable(f"{self.spec.name}:{self.spec.version} is unloaded")
+            return self._idle.pop()
+
+    def release(self, instance: ModelInstance) -> None:
+        with self._cond:
+            if not self._closed:
+                self._idle.append(instance)
+                self._cond.notify()
+
+    def discard(self, reason: str) -> None:
+        """An instance failed: build its replacement so the pool keeps its size."""
+        self.replaced += 1
+        if self._on_replace is not None:
+            self._on_replace(reason)
+        try:
+            fresh = self._factory()
+        except Exception:
+            with self._cond:
+                self.size -= 1
+            return
+        self.release(fresh)
+
+    def run_on(self, instance: ModelInstance, inputs: list[np.ndarray], batch: int) -> list[np.ndarray]:
+        """Run on an acquired instance, splitting batches above ``max_batch``; releases it."""
+        start = time.perf_counter()
+        try:
+            if batch <= self.spec.max_batch:
+                outputs = instance.run(inputs, batch)
+            else:
+                outputs = self._run_chunked(instance, inputs, batch)
+        except ModelError as exc:
+            self.discard(str(exc))
+            raise
+        except BaseException:
+            self.release(instance)
+            raise
+        self.release(instance)
+        elapsed_us = (time.perf_counter() - start) * 1e6
+        self.ewma_us = elapsed_us if self.ewma_us == 0.0 else 0.9 * self.ewma_us + 0.1 * elapsed_us
+        return outputs
+
+    def run(self, inputs: list[np.ndarray], batch: int, timeout: float | None = None) -> list[np.ndarray]:
+        return self.run_on(self.acquire(timeout), inputs, batch)
+
+    def _run_chunked(self, instance: ModelInstance, inputs: list[np.ndarray], batch: int) -> list[np.ndarray]:
+        step = self.spec.max_batch
+        parts: list[list[np.ndarray]] = []
+        for lo in range(0, batch, step):
+            hi = min(batch, lo + step)
+            chunk = [np.ascontiguousarray(a[lo:hi]) for a in inputs]
+            parts.append(instance.run(chunk, hi - lo))
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(self.spec.outputs))]
+
+    def warm(self, inputs: list[np.ndarray], batch: int) -> list[list[np.ndarray]]:
+        """Run the warm-up input once on every instance (pages in code and memory)."""
+        with self._cond:
+            instances = list(self._idle)
+        results = []
+        for instance in instances:
+            start = time.perf_counter()
+            results.append([o.copy() for o in instance.run(inputs, batch)])
+            elapsed = (time.perf_counter() - start) * 1e6
+            self.ewma_us = elapsed if self.ewma_us == 0.0 else min(self.ewma_us, elapsed)
+        return results
+
+    def close(self) -> None:
+        """Drop every instance; their stores and memories go with them."""
+        with self._cond:
+            self._closed = True
+            self._idle.clear()
+            self._cond.notify_all()

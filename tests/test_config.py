@@ -1,0 +1,81 @@
+"""Configuration layering: defaults < TOML file < environment < flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import Config, parse_listen
+from agent.errors import ConfigError
+
+
+def test_layers_apply_in_order(tmp_path: Path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[agent]\nlisten = "127.0.0.1:1000"\npool_size = 3\nnode_id = "file"\n[mqtt]\nhost = "broker"\n')
+    env = {"EDGE_AGENT_LISTEN": "127.0.0.1:2000", "EDGE_AGENT_NODE_ID": "env", "EDGE_AGENT_MQTT__PORT": "1884"}
+    config = Config.load(file=cfg, env=env, overrides={"listen": "127.0.0.1:3000", "pool_size": None})
+    assert config.listen == "127.0.0.1:3000"  # flag beats env and file
+    assert config.node_id == "env"  # env beats file
+    assert config.pool_size == 3  # file beats default; a flag left unset changes nothing
+    assert config.section("mqtt") == {"host": "broker", "port": "1884"}
+
+
+def test_config_file_named_by_environment(tmp_path: Path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('state_dir = "/srv/edge"\n')
+    config = Config.load(env={"EDGE_AGENT_CONFIG": str(cfg)})
+    assert config.state_dir == Path("/srv/edge")
+
+
+def test_env_values_are_typed():
+    config = Config.load(env={"EDGE_AGENT_POOL_SIZE": "5", "EDGE_AGENT_SEED_BUNDLED": "no",
+                              "EDGE_AGENT_DRAIN_TIMEOUT_S": "2.5"})
+    assert (config.pool_size, config.seed_bundled, config.drain_timeout_s) == (5, False, 2.5)
+
+
+def test_systemd_state_directory_is_the_default():
+    assert Config.load(env={}).state_dir  # some default always exists
+    import os
+
+    old = os.environ.get("STATE_DIRECTORY")
+    os.environ["STATE_DIRECTORY"] = "/var/lib/edge-agent-test"
+    try:
+        assert Config.load(env={}).state_dir == Path("/var/lib/edge-agent-test")
+    finally:
+        if old is None:
+            del os.environ["STATE_DIRECTORY"]
+        else:
+            os.environ["STATE_DIRECTORY"] = old
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EDGE_AGENT_POOL_SIZE": "many"}, "pool_size: cannot use 'many'"),
+        ({"EDGE_AGENT_POOL_SIZE": "0"}, "pool_size must be at least 1"),
+        ({"EDGE_AGENT_LISTEN": "nowhere"}, "listen must be HOST:PORT"),
+        ({"EDGE_AGENT_LOG_FORMAT": "xml"}, "log_format"),
+    ],
+)
+def test_bad_values_are_refused_with_the_setting_named(env: dict[str, str], message: str):
+    with pytest.raises(ConfigError, match=message):
+        Config.load(env=env)
+
+
+def test_unknown_setting_and_bad_toml_are_refused(tmp_path: Path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[agent]\nlisten_port = 1\n")
+    with pytest.raises(ConfigError, match="unknown setting.*listen_port"):
+        Config.load(file=cfg, env={})
+    cfg.write_text("[agent\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        Config.load(file=cfg, env={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        Config.load(file=tmp_path / "missing.toml", env={})
+
+
+def test_parse_listen():
+    assert parse_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert parse_listen("[::1]:9") == ("::1", 9)
+    assert parse_listen(":9") == ("0.0.0.0", 9)
