@@ -43,7 +43,13 @@ test: bootstrap
 	$(BIN)/ruff check agent simulator tests bench
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
-bench: bootstrap
+# The KServe anchor pins its own dependency set: it gets a venv of its own.
+.venv-bench/.installed:
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install -q kserve onnxruntime
+	touch $@
+
+bench: bootstrap .venv-bench/.installed
 	$(BIN)/python bench/run_all.py
 
 clean:

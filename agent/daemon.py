@@ -167,7 +167,7 @@ class Agent:
         for service in reversed(self.services):
             try:
                 await service.stop()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one failing service must not keep the others running
                 self.log.error("service failed to stop", service=type(service).__name__, error=repr(exc))
         clean = await self.http.shutdown(self.config.drain_timeout_s)
         if not clean:

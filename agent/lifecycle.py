@@ -377,7 +377,9 @@ class Lifecycle:
             return Response.error(401, "this endpoint needs the agent's API token (Authorization: Bearer ...)")
         if parts == ["repository", "index"]:
             return Response.json(200, self.index())
-        if len(parts) == 4 and parts[1] == "models" and parts[3] in ("load", "unload"):
+        if parts == ["repository", "deploy"]:
+            return self._repository_action(request, None, "deploy")
+        if len(parts) == 4 and parts[1] == "models" and parts[3] in ACTIONS:
             return self._repository_action(request, parts[2], parts[3])
         return None
 
@@ -400,23 +402,35 @@ class Lifecycle:
                         row["reason"] = self.models.broken[mrec.name]
         return rows
 
-    async def _repository_action(self, request: Request, model: str, action: str) -> Response:
+    async def _repository_action(self, request: Request, model: str | None, action: str) -> Response:
         try:
             body = orjson.loads(request.body) if request.body else {}
         except orjson.JSONDecodeError:
             return Response.error(400, "request body is not valid JSON")
-        params = body.get("parameters", {}) if isinstance(body, dict) else {}
+        params = body.get("parameters", {}) if isinstance(body, dict) else None
         if not isinstance(params, dict):
             return Response.error(400, "'parameters' must be an object")
         try:
             if action == "unload":
-                await self.unload(model, source="local")
+                result = await self.unload(model, source="local")
+            elif action == "rollback":
+                result = await self.rollback(model, source="local")
+            elif action in ("pin", "unpin"):
+                result = await self.pin(model, action == "pin", source="local")
             else:
-                ref = params.get("ref") or f"store:{model}" + (f":{params['version']}" if params.get("version") else "")
-                await self.deploy(str(ref), source="local", model=model)
+                ref = params.get("ref")
+                if ref is None and model is None:
+                    return Response.error(400, "deploy needs parameters.ref")
+                if ref is None:
+                    ref = f"store:{model}" + (f":{params['version']}" if params.get("version") else "")
+                result = await self.deploy(str(ref), source="local", model=model)
         except AgentError as exc:
             return Response.error(exc.http_status, str(exc))
-        return Response.json(200, {})
+        return Response.json(200, result)
+
+
+# Triton's repository extension has load and unload; the rest are this agent's own.
+ACTIONS = ("load", "unload", "rollback", "pin", "unpin")
 
 
 class LifecycleService:

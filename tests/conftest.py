@@ -22,9 +22,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from modelkit import make_scale_model  # noqa: E402
+from modelkit import make_scale_model
 
-from agent.config import Config  # noqa: E402
+from agent.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,8 +40,14 @@ def scale_dir(tmp_path: Path) -> Path:
     return make_scale_model(tmp_path / "scale-model")
 
 
-def http(method: str, url: str, body: Any = None, raw: bytes | None = None, headers: dict[str, str] | None = None,
-         timeout: float = 10.0) -> tuple[int, Any]:
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, Any]:
     """A tiny HTTP client returning (status, parsed JSON or bytes), never raising on 4xx/5xx."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(url, method=method, data=data, headers=headers or {})
@@ -114,8 +120,19 @@ class AgentProcess:
         full_env.update(env or {})
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--state-dir", str(state_dir), "--listen", f"127.0.0.1:{port}",
-             "--log-format", "json", *(extra or [])],
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "run",
+                "--state-dir",
+                str(state_dir),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--log-format",
+                "json",
+                *(extra or []),
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,
@@ -156,8 +173,12 @@ class AgentProcess:
 def agent_process(tmp_path: Path) -> Iterator[Any]:
     procs: list[AgentProcess] = []
 
-    def factory(state_dir: Path | None = None, extra: list[str] | None = None, env: dict[str, str] | None = None,
-                port: int | None = None) -> AgentProcess:
+    def factory(
+        state_dir: Path | None = None,
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> AgentProcess:
         proc = AgentProcess(state_dir or tmp_path / "state", port or free_port(), extra, env)
         procs.append(proc)
         return proc

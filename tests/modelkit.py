@@ -4,7 +4,9 @@ The ``scale`` model computes ``y = x * scale`` for FP32 rows of 4, and
 misbehaves on purpose when the first input element is a magic value, so
 tests can drive every failure mode through the real runtime:
 ``-1`` loops forever, ``13`` traps (unreachable), ``99`` grows memory until
-the store limit refuses and returns EA_ERR_NOMEM.
+the store limit refuses and returns EA_ERR_NOMEM, ``7`` spins ~30M iterations
+(tens of milliseconds) and then answers normally: a slow but healthy request;
+``8`` does the same for ~400M iterations (most of a second): a slow warm-up.
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ SCALE_WAT = """
     (local.set $x (f32.load (i32.const 256)))
     (if (f32.eq (local.get $x) (f32.const -1)) (then (loop $spin (br $spin))))
     (if (f32.eq (local.get $x) (f32.const 13)) (then unreachable))
+    (if (f32.eq (local.get $x) (f32.const 7))
+      (then
+        (local.set $i (i32.const 30000000))
+        (loop $slow (local.set $i (i32.sub (local.get $i) (i32.const 1))) (br_if $slow (local.get $i)))))
+    (if (f32.eq (local.get $x) (f32.const 8))
+      (then
+        (local.set $i (i32.const 400000000))
+        (loop $slower (local.set $i (i32.sub (local.get $i) (i32.const 1))) (br_if $slower (local.get $i)))))
     (if (f32.eq (local.get $x) (f32.const 99))
       (then
         (loop $grow (br_if $grow (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))

@@ -44,7 +44,8 @@ def test_model_metadata_and_readiness(agent):
 
 
 def test_infer_returns_oip_tensors(agent):
-    status, body = http("POST", agent.url + "/v2/models/scale/infer", x_request([[1, 2, 3, 4], [0, 1, 0, 1]], id="r1"))
+    request = x_request([[1, 2, 3, 4], [0, 1, 0, 1]], id="r1")
+    status, body = http("POST", agent.url + "/v2/models/scale/infer", request)
     assert status == 200
     assert body["model_name"] == "scale" and body["model_version"] == "1" and body["id"] == "r1"
     assert body["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [2, 4], "data": [1, 4, 9, 16, 0, 2, 0, 4]}]
@@ -70,17 +71,42 @@ def test_batches_larger_than_the_module_buffer_are_served(agent):
         (b"{not json", 400, "not valid JSON"),
         (b"[1, 2]", 400, "JSON object"),
         (json.dumps({"inputs": []}).encode(), 400, "non-empty 'inputs'"),
-        (json.dumps({"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).encode(),
-         400, "no input 'z'"),
-        (json.dumps({"inputs": [{"name": "x", "datatype": "INT32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).encode(),
-         400, "datatype 'INT32' does not match"),
-        (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 5], "data": [1, 2, 3, 4, 5]}]}).encode(),
-         400, "does not match the model"),
-        (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": [1, 2, 3, 4]}]}).encode(),
-         400, "needs 8 elements"),
-        (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": ["a", 2, 3, 4]}]}).encode(),
-         400, "not a well-formed FP32"),
-        (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]}).encode(), 400, "'data' is missing"),
+        (
+            json.dumps({"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).encode(),
+            400,
+            "no input 'z'",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "x", "datatype": "INT32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+            ).encode(),
+            400,
+            "datatype 'INT32' does not match",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 5], "data": [1, 2, 3, 4, 5]}]}
+            ).encode(),
+            400,
+            "does not match the model",
+        ),
+        (
+            json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": [1, 2, 3, 4]}]}).encode(),
+            400,
+            "needs 8 elements",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": ["a", 2, 3, 4]}]}
+            ).encode(),
+            400,
+            "not a well-formed FP32",
+        ),
+        (
+            json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]}).encode(),
+            400,
+            "'data' is missing",
+        ),
         (json.dumps({**x_request([[1, 1, 1, 1]]), "outputs": [{"name": "q"}]}).encode(), 400, "no output 'q'"),
     ],
 )
@@ -137,8 +163,7 @@ def raw_exchange(url: str, data: bytes, read_until: bytes | None = None) -> byte
 def test_pipelined_requests_are_answered_in_order_on_one_connection(agent):
     bodies = [json.dumps(x_request([[float(i + 20)] * 4])).encode() for i in range(3)]
     data = b"".join(
-        b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b)
-        for b in bodies
+        b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b) for b in bodies
     )
     reply = raw_exchange(agent.url, data, read_until=b"3")
     assert reply.count(b"HTTP/1.1 200 OK") == 3
@@ -152,8 +177,10 @@ def test_malformed_http_gets_400_and_the_connection_closes(agent):
 
 def test_expect_100_continue(agent):
     body = json.dumps(x_request([[1, 1, 1, 1]])).encode()
-    head = (b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
-            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+    head = (
+        b"POST /v2/models/scale/infer HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
     reply = raw_exchange(agent.url, head + body)
     assert reply.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK")
 

@@ -29,8 +29,9 @@ def test_config_file_named_by_environment(tmp_path: Path):
 
 
 def test_env_values_are_typed():
-    config = Config.load(env={"EDGE_AGENT_POOL_SIZE": "5", "EDGE_AGENT_SEED_BUNDLED": "no",
-                              "EDGE_AGENT_DRAIN_TIMEOUT_S": "2.5"})
+    config = Config.load(
+        env={"EDGE_AGENT_POOL_SIZE": "5", "EDGE_AGENT_SEED_BUNDLED": "no", "EDGE_AGENT_DRAIN_TIMEOUT_S": "2.5"}
+    )
     assert (config.pool_size, config.seed_bundled, config.drain_timeout_s) == (5, False, 2.5)
 
 
@@ -66,7 +67,7 @@ def test_bad_values_are_refused_with_the_setting_named(env: dict[str, str], mess
 def test_unknown_setting_and_bad_toml_are_refused(tmp_path: Path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[agent]\nlisten_port = 1\n")
-    with pytest.raises(ConfigError, match="unknown setting.*listen_port"):
+    with pytest.raises(ConfigError, match=r"unknown setting.*listen_port"):
         Config.load(file=cfg, env={})
     cfg.write_text("[agent\n")
     with pytest.raises(ConfigError, match="not valid TOML"):

@@ -70,7 +70,7 @@ def test_trap_fails_one_request_and_the_instance_is_replaced(env):
 def test_endless_loop_is_interrupted_by_the_epoch_deadline(env):
     model, _ = load(env, timeout_ms=100)
     start = time.monotonic()
-    with pytest.raises(InferenceTimeout, match="100 ms deadline"):
+    with pytest.raises(InferenceTimeout, match=r"100 ms deadline"):
         model.infer(x([-1, 0, 0, 0]))
     # Interrupted, not run to completion: bounded by the deadline plus scheduling slack.
     assert time.monotonic() - start < 5
@@ -122,7 +122,7 @@ def test_compiled_module_is_cached_on_disk_and_reused(env):
 
 
 def test_corrupt_compile_cache_entry_is_recompiled(env):
-    tmp_path, repo, runtime = env
+    tmp_path, repo, _ = env
     _, record = load(env)
     entry = next((tmp_path / "state" / "compiled").glob("*.cwasm"))
     entry.write_bytes(b"garbage" * 100)
@@ -144,7 +144,7 @@ def test_malformed_wasm_is_refused_with_a_clear_error(env):
 def test_module_with_foreign_imports_is_refused(env):
     body = SCALE_WAT.replace("(i32.const ABI)", "(i32.const 1)").strip()[len("(module") :]
     wat = '(module (import "env" "steal" (func))' + body
-    with pytest.raises(InvalidModel, match="env.steal"):
+    with pytest.raises(InvalidModel, match=r"env\.steal"):
         load(env, wasm=wasmtime.wat2wasm(wat))
 
 

@@ -207,12 +207,17 @@ def base_url(args: argparse.Namespace) -> tuple[str, int]:
 
 
 def request(
-    args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: float = 30.0
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    body: Any = None,
+    timeout: float = 30.0,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, Any]:
     host, port = base_url(args)
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     payload = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"} if payload is not None else {}
+    headers = {**(headers or {}), **({"Content-Type": "application/json"} if payload is not None else {})}
     try:
         conn.request(method, path, body=payload, headers=headers)
         resp = conn.getresponse()
@@ -272,7 +277,7 @@ def bare_tensor(data: Any, input_meta: dict[str, Any]) -> dict[str, Any]:
 def _client_failure(status: int, doc: Any) -> int:
     message = doc.get("error") if isinstance(doc, dict) else doc
     print(f"edge-agent: agent answered {status}: {message}", file=sys.stderr)
-    if status in (400, 413):
+    if status in (400, 401, 413):
         return exitcodes.DATAERR
     if status in (404, 503):
         return exitcodes.UNAVAILABLE

@@ -83,7 +83,7 @@ class InstancePool:
             self._on_replace(reason)
         try:
             fresh = self._factory()
-        except Exception:
+        except Exception:  # noqa: BLE001 - the pool shrinks rather than failing the caller twice
             with self._cond:
                 self.size -= 1
             return

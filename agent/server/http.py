@@ -86,12 +86,26 @@ class HttpServer:
         self._dates = _DateCache()
         self.closing = False
         self.requests_in_flight = 0
+        self._sweeper: asyncio.Future[None] | None = None
+
+    async def _sweep_idle(self) -> None:
+        # One timer for all connections: re-arming a timer per request costs
+        # more than this sweep, which runs a few times per idle period.
+        interval = max(0.05, self.idle_timeout_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            deadline = time.monotonic() - self.idle_timeout_s
+            for conn in list(self.connections):
+                if conn.last_active < deadline:
+                    conn.close_when_idle()
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         """Bind and start accepting; returns the bound address (port 0 picks a free one)."""
         loop = asyncio.get_running_loop()
         server = await loop.create_server(lambda: _Connection(self), host, port, backlog=1024, reuse_address=True)
         self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._sweep_idle())
         sockname = server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
@@ -106,6 +120,8 @@ class HttpServer:
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         clean = not self.connections
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for conn in list(self.connections):
             conn.abort()
         for server in self._servers:
@@ -121,7 +137,7 @@ class _Connection(asyncio.Protocol):
         self.pending: collections.deque[Request] = collections.deque()
         self.busy = False
         self.keep_alive = True
-        self._idle_handle: asyncio.TimerHandle | None = None
+        self.last_active = time.monotonic()
         self._url = b""
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
@@ -133,12 +149,9 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.server.connections.add(self)
-        self._arm_idle_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
@@ -157,9 +170,6 @@ class _Connection(asyncio.Protocol):
         self._headers = {}
         self._body = []
         self._body_len = 0
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -233,11 +243,9 @@ class _Connection(asyncio.Protocol):
         self.server.requests_in_flight -= 1
         keep_alive = self.keep_alive and not self.server.closing
         self._write(response, keep_alive)
-        if not keep_alive and not self.pending:
-            if self.transport is not None:
-                self.transport.close()
-        elif not self.busy and not self.pending:
-            self._arm_idle_timer()
+        if not keep_alive and not self.pending and self.transport is not None:
+            self.transport.close()
+        self.last_active = time.monotonic()
 
     def _write(self, response: Response, keep_alive: bool) -> None:
         if self.transport is None:
@@ -271,16 +279,6 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     # -- lifecycle ----------------------------------------------------------------------
-    def _arm_idle_timer(self) -> None:
-        if self.transport is None:
-            return
-        loop = asyncio.get_running_loop()
-        self._idle_handle = loop.call_later(self.server.idle_timeout_s, self._idle_expired)
-
-    def _idle_expired(self) -> None:
-        if not self.busy and not self.pending and self.transport is not None:
-            self.transport.close()
-
     def close_when_idle(self) -> None:
         self.keep_alive = False
         if not self.busy and not self.pending and self.transport is not None:

@@ -1,0 +1,52 @@
+"""The anchor server: KServe's Python ModelServer serving the digits ONNX model with onnxruntime.
+
+Run by bench_core.py inside .venv-bench (kserve pins its own dependency set):
+    .venv-bench/bin/python bench/kserve_digits.py --model digits.onnx --http_port 8081 --grpc_port 8082
+KServe parses its own flags (--http_port, --workers, ...) from the command line at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import kserve
+import onnxruntime as ort
+from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
+
+
+class DigitsModel(Model):
+    def __init__(self, name: str, path: str):
+        super().__init__(name)
+        self.path = path
+        self.session: ort.InferenceSession | None = None
+        self.load()
+
+    def load(self) -> bool:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
+        self.ready = True
+        return self.ready
+
+    async def predict(self, payload: InferRequest, headers=None, response_headers=None) -> InferResponse:
+        pixels = payload.inputs[0].as_numpy()
+        probabilities, label = self.session.run(None, {"pixels": pixels})
+        outputs = [
+            InferOutput(
+                name="probabilities",
+                shape=list(probabilities.shape),
+                datatype="FP32",
+                data=probabilities.ravel().tolist(),
+            ),
+            InferOutput(name="label", shape=list(label.shape), datatype="INT64", data=label.ravel().tolist()),
+        ]
+        return InferResponse(model_name=self.name, infer_outputs=outputs, response_id=payload.id)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(parents=[kserve.model_server.parser])
+    parser.add_argument("--model", required=True)
+    args, _ = parser.parse_known_args()
+    ModelServer(
+        http_port=args.http_port, grpc_port=args.grpc_port, enable_grpc=False, enable_latency_logging=False
+    ).start([DigitsModel("digits", args.model)])
