@@ -40,7 +40,9 @@ STATUS_TEXT = {
     -6: "internal error",
 }
 
-_call_unchecked = ffi.dll.wasmtime_func_call_unchecked
+# dll["name"] makes a private function pointer; dll.name would return the one the wasmtime
+# package itself uses, and changing its restype would break wasmtime everywhere else.
+_call_unchecked = ffi.dll["wasmtime_func_call_unchecked"]
 _call_unchecked.restype = ctypes.c_void_p
 _call_unchecked.argtypes = [
     ctypes.c_void_p,
@@ -49,13 +51,13 @@ _call_unchecked.argtypes = [
     ctypes.c_size_t,
     ctypes.POINTER(ctypes.c_void_p),
 ]
-_memory_data = ffi.dll.wasmtime_memory_data
+_memory_data = ffi.dll["wasmtime_memory_data"]
 _memory_data.restype = ctypes.c_void_p
 _memory_data.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-_memory_size = ffi.dll.wasmtime_memory_data_size
+_memory_size = ffi.dll["wasmtime_memory_data_size"]
 _memory_size.restype = ctypes.c_size_t
 _memory_size.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-_set_deadline = ffi.dll.wasmtime_context_set_epoch_deadline
+_set_deadline = ffi.dll["wasmtime_context_set_epoch_deadline"]
 _set_deadline.restype = None
 _set_deadline.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
 
