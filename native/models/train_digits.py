@@ -130,7 +130,7 @@ def main() -> int:
     weights = export_weights(clf)
     # Score the exported float32 weights on raw pixels: that is what the module serves.
     acc = accuracy(weights, x_test, y_test)
-    print(f"held-out accuracy: {acc:.4f} ({int(round(acc * len(y_test)))}/{len(y_test)}), "
+    print(f"held-out accuracy: {acc:.4f} ({round(acc * len(y_test))}/{len(y_test)}), "
           f"{clf.n_iter_} training iterations")
     if acc < MIN_ACCURACY:
         print(f"accuracy below {MIN_ACCURACY:.0%}; nothing written", file=sys.stderr)
