@@ -128,7 +128,9 @@ class Lifecycle:
             current_versions = {m.version: m for m in current.versions()} if current else {}
             primary = max(targets, key=lambda t: t[1])[0]
             from_version = current.primary.version if current else None
-            swap_id = self._journal_start(model, from_version, primary.version, source)
+            # Bookkeeping writes run on a worker thread: a few SQLite statements cost a
+            # millisecond or two, and on the event loop that would show in the serving p99.
+            swap_id = await asyncio.to_thread(self._journal_start, model, from_version, primary.version, source)
             loaded: list[tuple[LoadedModel, int]] = []
             try:
                 for record, weight in targets:
@@ -143,8 +145,7 @@ class Lifecycle:
                     self.events.publish("model.loading", model=model, version=record.version, source=source)
                     loaded.append((await loop.run_in_executor(self.agent.executor, self.models.load, record), weight))
             except AgentError as exc:
-                self._journal_end(swap_id, "failed", str(exc))
-                self.db.set_version_status(model, primary.version, "failed", str(exc))
+                await asyncio.to_thread(self._record_failure, swap_id, model, primary.version, str(exc))
                 self.events.publish(
                     "model.swap_failed", model=model, version=primary.version, source=source, error=str(exc)
                 )
@@ -156,13 +157,17 @@ class Lifecycle:
                         self.models.release(lm)
                 raise
 
-            switch_start = time.perf_counter()
-            new_route = Route.weighted(loaded)
-            self.models.route(model, new_route)
-            self.db.set_active(model, primary.version)
-            switch_ms = (time.perf_counter() - switch_start) * 1000
-            self._journal_end(swap_id, "switched")
-            self.db.set_version_status(model, primary.version, "ready", None)
+            # The switch itself: one assignment on the event loop, so every request is
+            # routed wholly before or wholly after it.
+            fresh = [lm.warm_at for lm, _ in loaded if lm not in current_versions.values()]
+            warm_at = max(fresh) if fresh else time.perf_counter()
+            self.models.route(model, Route.weighted(loaded))
+            # Warm to routed: from the moment the last new pool finished warming.
+            switch_ms = (time.perf_counter() - warm_at) * 1000
+            # Persisted after the switch: a kill -9 in between leaves the journal entry open
+            # and the old version recorded as active, which recover() resolves by
+            # abandoning the swap (the restarted node serves the old, whole version).
+            await asyncio.to_thread(self._record_switch, swap_id, model, primary.version)
             self.agent.metrics.swaps.labels(model).inc()
             self.events.publish(
                 "model.swapped",
@@ -190,6 +195,15 @@ class Lifecycle:
                 "previous": from_version,
                 "switch_ms": round(switch_ms, 3),
             }
+
+    def _record_failure(self, swap_id: int, model: str, version: str, error: str) -> None:
+        self._journal_end(swap_id, "failed", error)
+        self.db.set_version_status(model, version, "failed", error)
+
+    def _record_switch(self, swap_id: int, model: str, version: str) -> None:
+        self.db.set_active(model, version)
+        self._journal_end(swap_id, "switched")
+        self.db.set_version_status(model, version, "ready", None)
 
     def _retire(self, model: str, old: LoadedModel) -> None:
         """Drain ``old`` and keep it warm for the rollback grace period, then release it."""
@@ -246,7 +260,7 @@ class Lifecycle:
         record = await self._record_for(ref, model)
         self._check_precedence(record.model, source)
         self._check_pin(record.model, source, record.version)
-        self.desired.put(source, ModelDeployment(model=record.model, ref=ref))
+        await asyncio.to_thread(self.desired.put, source, ModelDeployment(model=record.model, ref=ref))
         return await self.swap(record, source)
 
     async def rollback(self, model: str, *, source: str = "local") -> dict[str, Any]:

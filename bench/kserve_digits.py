@@ -8,6 +8,7 @@ KServe parses its own flags (--http_port, --workers, ...) from the command line 
 from __future__ import annotations
 
 import argparse
+import uuid
 
 import kserve
 import onnxruntime as ort
@@ -40,7 +41,7 @@ class DigitsModel(Model):
             ),
             InferOutput(name="label", shape=list(label.shape), datatype="INT64", data=label.ravel().tolist()),
         ]
-        return InferResponse(model_name=self.name, infer_outputs=outputs, response_id=payload.id)
+        return InferResponse(model_name=self.name, infer_outputs=outputs, response_id=payload.id or str(uuid.uuid4()))
 
 
 if __name__ == "__main__":

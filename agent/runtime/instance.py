@@ -73,7 +73,12 @@ class ModelInstance:
         params: Mapping[str, np.ndarray],
         memory_limit_bytes: int,
         timeout_ms: float,
+        *,
+        exports_checked: bool = False,
     ):
+        """``exports_checked``: the caller ran :func:`check_exports` on ``module`` (a pool does, once)."""
+        if not exports_checked:
+            check_exports(module, spec)
         self.spec = spec
         self.runtime = runtime
         self.timeout_ms = timeout_ms
@@ -93,23 +98,20 @@ class ModelInstance:
             raise InvalidModel(f"{spec.name}:{spec.version}: module does not export its memory as 'memory'")
         self._memory = memory
         self._funcs: dict[str, wasmtime.Func] = {}
-        for name, (nparams, nresults) in ABI_FUNCS.items():
+        for name in ABI_FUNCS:
             func = exports.get(name)
             if not isinstance(func, wasmtime.Func):
                 raise InvalidModel(f"{spec.name}:{spec.version}: module does not export function {name}")
-            ftype = func.type(self.store)
-            i32 = wasmtime.ValType.i32()
-            if [str(t) for t in ftype.params] != [str(i32)] * nparams or [str(t) for t in ftype.results] != [
-                str(i32)
-            ] * nresults:
-                raise InvalidModel(f"{spec.name}:{spec.version}: {name} has type {ftype}, ABI v1 wants i32 only")
             self._funcs[name] = func
 
         self._keepalive: list[object] = []
         self._ctx = ctypes.cast(self.store._context(), ctypes.c_void_p).value
         self._mem_ref = ctypes.addressof(memory._memory)
-        self._run_ref = ctypes.addressof(self._funcs["ea_run"]._func)
-        self._raw = (ctypes.c_uint64 * 2)()  # wasmtime_val_raw_t is 16 bytes
+        self._refs = {name: ctypes.addressof(func._func) for name, func in self._funcs.items()}
+        self._run_ref = self._refs["ea_run"]
+        # Two wasmtime_val_raw_t slots (16 bytes each: the union holds a v128): the most any
+        # ABI function takes (ea_init) or returns.
+        self._raw = (ctypes.c_uint64 * 4)()
         self._raw_ptr = ctypes.addressof(self._raw)
         self._trap = ctypes.c_void_p()
         self._trap_ref = ctypes.byref(self._trap)
@@ -132,12 +134,18 @@ class ModelInstance:
 
     # -- set-up (slow path, checked calls) -----------------------------------
     def _call(self, name: str, *args: int) -> int:
-        self.store.set_epoch_deadline(self._ticks)
+        """Calls an ABI function through the unchecked entry point (types were checked up front)."""
+        _set_deadline(self._ctx, self._ticks)
         self._deadline_epoch = -1
-        try:
-            return int(self._funcs[name](self.store, *args))
-        except wasmtime.Trap as exc:
-            raise ModelError(f"{self.spec.name}:{self.spec.version}: trap in {name}: {trap_reason(exc)}") from exc
+        for i, arg in enumerate(args):
+            self._raw[2 * i] = arg & 0xFFFFFFFF
+        error = _call_unchecked(self._ctx, self._refs[name], self._raw_ptr, 2, self._trap_ref)
+        if error or self._trap.value:
+            try:
+                self._raise_failure(error)
+            except ModelError as exc:
+                raise ModelError(f"{self.spec.name}:{self.spec.version}: in {name}: {exc}") from exc
+        return ctypes.c_int32(self._raw[0] & 0xFFFFFFFF).value
 
     def _load_params(self, params: Mapping[str, np.ndarray]) -> None:
         table = bytearray()
@@ -228,6 +236,21 @@ class ModelInstance:
             raise ModelError(f"{name}: wasm trap: {trap_reason(trap)}")
         err = wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))
         raise ModelError(f"{name}: wasmtime error: {str(err).splitlines()[0]}")
+
+
+def check_exports(module: wasmtime.Module, spec: ModelSpec) -> None:
+    """The ABI v1 functions exist with their i32-only signatures (read from the module, no instance)."""
+    types = {export.name: export.type for export in module.exports}
+    for name, (nparams, nresults) in ABI_FUNCS.items():
+        ftype = types.get(name)
+        if not isinstance(ftype, wasmtime.FuncType):
+            raise InvalidModel(f"{spec.name}:{spec.version}: module does not export function {name}")
+        params = [str(t) for t in ftype.params]
+        results = [str(t) for t in ftype.results]
+        if params != ["i32"] * nparams or results != ["i32"] * nresults:
+            raise InvalidModel(f"{spec.name}:{spec.version}: {name} has type {ftype}, ABI v1 wants i32 only")
+    if not isinstance(types.get("memory"), wasmtime.MemoryType):
+        raise InvalidModel(f"{spec.name}:{spec.version}: module does not export its memory as 'memory'")
 
 
 def trap_reason(trap: wasmtime.Trap) -> str:

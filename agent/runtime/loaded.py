@@ -39,6 +39,8 @@ class LoadedModel:
     pool: InstancePool
     load_ms: float
     loaded_at: float = field(default_factory=time.time)
+    # perf_counter() when the pool finished warming: the start of "warm to routed".
+    warm_at: float = field(default_factory=time.perf_counter)
     inflight: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

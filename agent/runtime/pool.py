@@ -18,7 +18,7 @@ import wasmtime
 
 from agent.errors import ModelError, Unavailable
 from agent.runtime.engine import WasmRuntime
-from agent.runtime.instance import ModelInstance
+from agent.runtime.instance import ModelInstance, check_exports
 from agent.spec import ModelSpec
 
 
@@ -37,7 +37,10 @@ class InstancePool:
         self.spec = spec
         self.size = size
         self.timeout_ms = timeout_ms
-        self._factory = lambda: ModelInstance(runtime, module, spec, params, memory_limit_bytes, timeout_ms)
+        check_exports(module, spec)
+        self._factory = lambda: ModelInstance(
+            runtime, module, spec, params, memory_limit_bytes, timeout_ms, exports_checked=True
+        )
         self._on_replace = on_replace
         self._cond = threading.Condition()
         self._idle: list[ModelInstance] = [self._factory() for _ in range(size)]
