@@ -14,6 +14,7 @@ import importlib.metadata
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import wasmtime
@@ -57,7 +58,10 @@ class WasmRuntime:
         config.memory_may_move = False
         self.engine = wasmtime.Engine(config)
         # Every setting that changes generated code belongs in the cache key.
-        self.settings_key = f"wasmtime={wasmtime_version()};opt={opt_level};epoch=1;simd=1;stack=1048576;nomove=1"
+        # "validated": entries are written only for modules that passed load_module's validate.
+        self.settings_key = (
+            f"wasmtime={wasmtime_version()};opt={opt_level};epoch=1;simd=1;stack=1048576;nomove=1;validated=1"
+        )
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
         self._stop = threading.Event()
@@ -100,8 +104,19 @@ class WasmRuntime:
         key = hashlib.sha256(f"{module_digest};{self.settings_key}".encode()).hexdigest()
         return self.cache_dir / f"{key}.cwasm"
 
-    def load_module(self, wasm: bytes, module_digest: str) -> wasmtime.Module:
-        """The compiled module, from the disk cache when it holds a valid entry."""
+    def load_module(
+        self,
+        wasm: bytes,
+        module_digest: str,
+        validate: Callable[[wasmtime.Module], None] | None = None,
+    ) -> wasmtime.Module:
+        """The compiled module, from the disk cache when it holds a valid entry.
+
+        ``validate`` runs on a freshly compiled module before it is cached; a cache
+        entry therefore stands for a module that passed it, and a hit skips it
+        (checking export types through the Python API costs more than the rest of a
+        cold start).
+        """
         path = self.cache_path(module_digest)
         if path is not None and path.exists():
             try:
@@ -112,6 +127,8 @@ class WasmRuntime:
                 # Truncated or from an incompatible build: recompile below.
                 path.unlink(missing_ok=True)
         module = self.compile(wasm)
+        if validate is not None:
+            validate(module)
         if path is not None:
             self._write_cache(path, module.serialize())
         return module

@@ -20,6 +20,7 @@ import safetensors.numpy
 from agent.cas import BlobStore
 from agent.errors import BadRequest, InvalidModel, ModelError
 from agent.runtime.engine import WasmRuntime
+from agent.runtime.instance import check_exports
 from agent.runtime.pool import InstancePool
 from agent.spec import SAFETENSORS_DTYPES, ModelSpec
 from agent.state import VersionRecord
@@ -54,27 +55,32 @@ class LoadedModel:
 
     def prepare(self, tensors: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], int]:
         """Order, type and shape-check named inputs; returns (arrays, batch)."""
-        missing = [t.name for t in self.spec.inputs if t.name not in tensors]
-        if missing:
-            raise BadRequest(f"model {self.name} needs input(s) {', '.join(missing)}")
-        extra = set(tensors) - {t.name for t in self.spec.inputs}
-        if extra:
-            raise BadRequest(f"model {self.name} has no input(s) {', '.join(sorted(extra))}")
+        inputs = self.spec.inputs
+        if len(tensors) != len(inputs) or any(t.name not in tensors for t in inputs):
+            self._name_errors(tensors)
         arrays = []
         batch = -1
-        for tspec in self.spec.inputs:
+        for tspec in inputs:
             array = tensors[tspec.name]
-            if array.ndim != len(tspec.shape) or tuple(array.shape[1:]) != tspec.row_shape:
+            shape = array.shape
+            if len(shape) != len(tspec.shape) or shape[1:] != tspec.row_shape:
                 raise BadRequest(
-                    f"input {tspec.name} has shape {list(array.shape)}, model {self.name} expects {list(tspec.shape)}"
+                    f"input {tspec.name} has shape {list(shape)}, model {self.name} expects {list(tspec.shape)}"
                 )
-            if batch not in (-1, array.shape[0]):
-                raise BadRequest(f"inputs disagree on the batch size ({batch} vs {array.shape[0]})")
-            batch = array.shape[0]
+            if batch not in (-1, shape[0]):
+                raise BadRequest(f"inputs disagree on the batch size ({batch} vs {shape[0]})")
+            batch = shape[0]
             arrays.append(np.ascontiguousarray(array, dtype=tspec.dtype))
         if batch < 1:
             raise BadRequest("batch size must be at least 1")
         return arrays, batch
+
+    def _name_errors(self, tensors: Mapping[str, np.ndarray]) -> None:
+        missing = [t.name for t in self.spec.inputs if t.name not in tensors]
+        if missing:
+            raise BadRequest(f"model {self.name} needs input(s) {', '.join(missing)}")
+        extra = set(tensors) - {t.name for t in self.spec.inputs}
+        raise BadRequest(f"model {self.name} has no input(s) {', '.join(sorted(extra))}")
 
     def infer(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays, batch = self.prepare(tensors)
@@ -127,7 +133,7 @@ def load_version(
 ) -> LoadedModel:
     start = time.perf_counter()
     spec, wasm, params = read_artefacts(blobs, record)
-    module = runtime.load_module(wasm, record.module_digest)
+    module = runtime.load_module(wasm, record.module_digest, validate=lambda m: check_exports(m, spec))
     memory_mb = min(settings.memory_limit_mb, spec.memory_limit_mb or settings.memory_limit_mb)
     timeout_ms = min(settings.request_timeout_ms, spec.timeout_ms or settings.request_timeout_ms)
     pool = InstancePool(
@@ -139,6 +145,7 @@ def load_version(
         memory_limit_bytes=memory_mb * 1024 * 1024,
         timeout_ms=timeout_ms,
         on_replace=on_replace,
+        exports_checked=True,
     )
     try:
         warm_up(spec, pool)

@@ -33,11 +33,13 @@ class InstancePool:
         memory_limit_bytes: int,
         timeout_ms: float,
         on_replace: Callable[[str], None] | None = None,
+        exports_checked: bool = False,
     ):
         self.spec = spec
         self.size = size
         self.timeout_ms = timeout_ms
-        check_exports(module, spec)
+        if not exports_checked:
+            check_exports(module, spec)
         self._factory = lambda: ModelInstance(
             runtime, module, spec, params, memory_limit_bytes, timeout_ms, exports_checked=True
         )
@@ -45,6 +47,7 @@ class InstancePool:
         self._cond = threading.Condition()
         self._idle: list[ModelInstance] = [self._factory() for _ in range(size)]
         self._closed = False
+        self._waiters = 0
         self.replaced = 0
         # Smoothed compute time of one call, used to decide inline vs worker.
         self.ewma_us = 0.0
@@ -53,30 +56,49 @@ class InstancePool:
     def idle(self) -> int:
         return len(self._idle)
 
+    # The fast paths take and return instances without the condition's lock:
+    # list.pop/append are atomic under the GIL, and the lock is only needed to
+    # sleep and to wake a sleeper. A waiter counts itself in ``_waiters`` before
+    # it looks at ``_idle`` (holding the lock until it sleeps), and a release
+    # appends before it reads ``_waiters``, so no wake-up is lost.
     def try_acquire(self) -> ModelInstance | None:
-        with self._cond:
-            if self._closed:
-                raise Unavailable(f"{self.spec.name}:{self.spec.version} is unloaded")
-            return self._idle.pop() if self._idle else None
+        if self._closed:
+            raise Unavailable(f"{self.spec.name}:{self.spec.version} is unloaded")
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return None
 
     def acquire(self, timeout: float | None = None) -> ModelInstance:
+        if not self._closed:
+            try:
+                return self._idle.pop()
+            except IndexError:
+                pass
         with self._cond:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not self._idle:
-                if self._closed:
-                    raise Unavailable(f"{self.spec.name}:{self.spec.version} is unloaded")
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise Unavailable(f"{self.spec.name}:{self.spec.version}: no instance free in time")
-                self._cond.wait(remaining)
-            if self._closed:
-                raise Unavailable(f"{self.spec.name}:{self.spec.version} is unloaded")
-            return self._idle.pop()
+            self._waiters += 1
+            try:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while True:
+                    if self._closed:
+                        raise Unavailable(f"{self.spec.name}:{self.spec.version} is unloaded")
+                    try:
+                        return self._idle.pop()
+                    except IndexError:
+                        pass
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise Unavailable(f"{self.spec.name}:{self.spec.version}: no instance free in time")
+                    self._cond.wait(remaining)
+            finally:
+                self._waiters -= 1
 
     def release(self, instance: ModelInstance) -> None:
-        with self._cond:
-            if not self._closed:
-                self._idle.append(instance)
+        if self._closed:
+            return
+        self._idle.append(instance)
+        if self._waiters:
+            with self._cond:
                 self._cond.notify()
 
     def discard(self, reason: str) -> None:
