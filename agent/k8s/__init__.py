@@ -1,0 +1,11 @@
+"""Kubernetes integration: EdgeModelDeployment resources drive a node's desired state.
+
+Importing this package does not import the ``kubernetes`` client; only a
+watcher that is enabled (``[k8s] enabled``, by default: running in a pod)
+loads it, when it first connects.
+"""
+
+from agent.k8s.settings import KubeSettings
+from agent.k8s.watcher import KubeWatcher, attach_k8s
+
+__all__ = ["KubeSettings", "KubeWatcher", "attach_k8s"]
