@@ -36,6 +36,13 @@ def default_state_dir() -> Path:
     return Path(xdg) / "edge-agent"
 
 
+def default_compile_cache_dir() -> Path | None:
+    """systemd's CacheDirectory when set; None means ``<state_dir>/compiled``."""
+    if cache := os.environ.get("CACHE_DIRECTORY"):
+        return Path(cache.split(":")[0]) / "compiled"
+    return None
+
+
 @dataclasses.dataclass
 class Config:
     """Core settings. Field docs double as the reference in docs/CONFIG.md."""
@@ -62,6 +69,8 @@ class Config:
     seed_bundled: bool = True
     # Bearer token guarding the local control API (repository extension).
     api_token: str = ""
+    # Serialized compiled modules: disposable (rebuilt from the store), hence a cache.
+    compile_cache_dir: Path | None = dataclasses.field(default_factory=default_compile_cache_dir)
     sections: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
@@ -166,6 +175,8 @@ def coerce(name: str, value: Any, kind: Any) -> Any:
             return float(value)
         if kind is Path or kind_name == "Path":
             return Path(str(value)).expanduser()
+        if Path in getattr(kind, "__args__", ()):  # Path | None: empty means "not set"
+            return Path(str(value)).expanduser() if value not in (None, "") else None
         if kind is str or kind_name == "str":
             return str(value)
     except (TypeError, ValueError) as exc:

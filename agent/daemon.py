@@ -64,7 +64,7 @@ class Agent:
         self.db = StateDB(state / "agent.db")
         self.repository = ModelRepository(self.blobs, self.db)
         self._owns_runtime = runtime is None
-        self.runtime = runtime or WasmRuntime(state / "compiled")
+        self.runtime = runtime or WasmRuntime(config.compile_cache_dir or state / "compiled")
         self.events = EventBus()
         self.metrics = Metrics()
         self.models = ModelManager(

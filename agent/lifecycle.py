@@ -315,6 +315,12 @@ class Lifecycle:
             mrec = self.db.get_model(model)
             try:
                 if want.traffic:
+                    if mrec is not None and mrec.pinned and mrec.active_version:
+                        results[model] = {"skipped": f"pinned at {mrec.active_version}"}
+                        continue
+                    if not want.ref.startswith("store:"):
+                        # The split may name the version this image holds: it must be in the store first.
+                        await self._record_for(want.ref, model)
                     targets = [(self.repository.resolve(model, v), w) for v, w in want.traffic.items()]
                     route = self.models.routes.get(model)
                     have = {m.version for m in route.versions()} if route else set()

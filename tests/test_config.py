@@ -35,6 +35,19 @@ def test_env_values_are_typed():
     assert (config.pool_size, config.seed_bundled, config.drain_timeout_s) == (5, False, 2.5)
 
 
+def test_compile_cache_follows_systemd_cache_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    from agent.daemon import Agent
+
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+    config = Config.load(env={}, overrides={"state_dir": tmp_path / "state"})
+    assert config.compile_cache_dir is None
+    assert Agent(config).runtime.cache_dir == tmp_path / "state" / "compiled"
+    monkeypatch.setenv("CACHE_DIRECTORY", str(tmp_path / "cache"))
+    config = Config.load(env={}, overrides={"state_dir": tmp_path / "state"})
+    assert Agent(config).runtime.cache_dir == tmp_path / "cache" / "compiled"
+    assert Config.load(env={"EDGE_AGENT_COMPILE_CACHE_DIR": ""}).compile_cache_dir is None
+
+
 def test_systemd_state_directory_is_the_default():
     assert Config.load(env={}).state_dir  # some default always exists
     import os
