@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # System packages the native build, the tests and the benchmarks need.
 APT_PACKAGES := clang lld wasi-libc libclang-rt-14-dev-wasm32 \
-	mosquitto mosquitto-clients docker-registry skopeo wrk systemd
+	mosquitto mosquitto-clients docker-registry skopeo wrk systemd apache2-utils
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 

@@ -229,9 +229,7 @@ def test_rerun_is_deterministic(model: Model, held_out: tuple[np.ndarray, np.nda
 
 def test_warmup_golden(model: Model, meta: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
     warmup = meta["warmup"]
-    pixels = np.array(warmup["inputs"]["pixels"]["data"], dtype=np.float32).reshape(
-        warmup["inputs"]["pixels"]["shape"]
-    )
+    pixels = np.array(warmup["inputs"]["pixels"]["data"], dtype=np.float32).reshape(warmup["inputs"]["pixels"]["shape"])
     got = model.run({"pixels": pixels})
     golden = warmup["outputs"]
     assert set(golden) == {"probabilities", "label"}
@@ -431,8 +429,9 @@ def test_exp_accuracy_and_edges(kernels: Kernels) -> None:
     ulps = np.abs(got[normal].view(np.int32).astype(np.int64) - want[normal].view(np.int32).astype(np.int64))
     assert ulps.max() <= 2, (ulps.max(), x[normal][ulps.argmax()])
     # Subnormal results: absolute error within a few subnormal steps.
-    np.testing.assert_allclose(got[~normal & np.isfinite(want)], want[~normal & np.isfinite(want)], rtol=0,
-                               atol=8 * 2.0**-149)
+    np.testing.assert_allclose(
+        got[~normal & np.isfinite(want)], want[~normal & np.isfinite(want)], rtol=0, atol=8 * 2.0**-149
+    )
     edge = got[len(grid) : len(grid) + len(special)]
     assert edge[0] == 1.0 and edge[1] == 1.0  # exactly 1: softmax's max element relies on it
     assert edge[2] == 0.0 and edge[3] == np.inf

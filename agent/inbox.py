@@ -1,0 +1,240 @@
+"""The drop-in folder: air-gapped sites deliver model images as files.
+
+An OCI image layout — a directory (``oci-layout`` + ``index.json`` + ``blobs/``)
+or a tar of one — placed in ``<state-dir>/inbox/`` is noticed through
+``watchdog``, verified against the trust policy exactly like a pull (the
+signature travels inside the layout as the ``sha256-<hex>.sig`` manifest cosign
+and skopeo write), imported into the store and deployed through the reconciler
+as the ``local`` source. A refused entry is moved to ``inbox/refused/`` with a
+``<name>.reason`` file next to it; an imported one is removed (its blobs now
+live in the content-addressed store).
+
+Writers should create the entry under a name starting with ``.`` and rename it
+into place when complete; entries that are still growing are also left alone
+until they have been quiet for ``inbox.settle_s`` seconds, so a slow ``cp``
+works too. Entries present at start-up (dropped while the agent was down) are
+processed first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from agent.errors import AgentError, BadRequest
+
+log = structlog.get_logger("edge_agent.inbox")
+
+REFUSED_DIR = "refused"
+
+
+@dataclass(frozen=True)
+class InboxSettings:
+    enabled: bool = True
+    # An entry is taken once nothing in it changed for this long.
+    settle_s: float = 1.0
+    # Safety net beside inotify (events can be lost when the queue overflows).
+    rescan_s: float = 30.0
+
+    @classmethod
+    def from_config(cls, config: Any) -> InboxSettings:
+        section = config.section("inbox")
+        try:
+            return cls(
+                enabled=_bool(section.get("enabled", True)),
+                settle_s=float(section.get("settle_s", 1.0)),
+                rescan_s=float(section.get("rescan_s", 30.0)),
+            )
+        except ValueError as exc:
+            from agent.errors import ConfigError
+
+            raise ConfigError(f"[inbox]: {exc}") from exc
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean, got {value!r}")
+
+
+class _Wakeup(FileSystemEventHandler):
+    """watchdog calls this from its own thread; all it does is poke the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, wake: asyncio.Event):
+        self._loop = loop
+        self._wake = wake
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+
+class InboxWatcher:
+    """A Service of the agent: start() begins watching, stop() ends it."""
+
+    def __init__(self, agent: Any, settings: InboxSettings):
+        self.agent = agent
+        self.settings = settings
+        self.root = Path(agent.config.state_dir) / "inbox"
+        self.refused_dir = self.root / REFUSED_DIR
+        self._observer: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self.processed = 0
+        self.refused = 0
+
+    async def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.refused_dir.mkdir(exist_ok=True)
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._wake.set()  # entries dropped while the agent was down
+        observer = Observer()
+        observer.schedule(_Wakeup(loop, self._wake), str(self.root), recursive=True)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+        self._task = asyncio.ensure_future(self._run())
+        log.info("watching the drop-in folder", path=str(self.root))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._observer is not None:
+            observer, self._observer = self._observer, None
+            observer.stop()
+            await asyncio.to_thread(observer.join, 5)
+
+    # -- the loop ------------------------------------------------------------------------
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.rescan_s)
+            self._wake.clear()
+            # Let a burst of writes settle before judging which entries are complete.
+            while pending := await self.scan_once():
+                await asyncio.sleep(min(self.settings.settle_s, max(0.05, pending)))
+
+    async def scan_once(self) -> float:
+        """Process every settled entry; returns how long until an unsettled one may be ready (0: none)."""
+        wait = 0.0
+        for entry in sorted(self._entries()):
+            quiet_for = time.time() - _last_change(entry)
+            if quiet_for < self.settings.settle_s:
+                wait = max(wait, self.settings.settle_s - quiet_for)
+                continue
+            await self.process(entry)
+        return wait
+
+    def _entries(self) -> Iterator[Path]:
+        try:
+            children = list(self.root.iterdir())
+        except FileNotFoundError:
+            return
+        for child in children:
+            if child.name.startswith(".") or child.name == REFUSED_DIR:
+                continue
+            yield child
+
+    async def process(self, entry: Path) -> None:
+        name = entry.name
+        try:
+            _check_shape(entry)
+            puller = getattr(self.agent, "puller", None)
+            if puller is None or not hasattr(puller, "import_layout"):
+                raise BadRequest("image imports are not available on this agent")
+            record = await puller.import_layout(entry)
+            result = await self.agent.control.deploy(f"store:{record.model}:{record.version}", source="local")
+        except AgentError as exc:
+            self._refuse(entry, str(exc))
+            return
+        except OSError as exc:
+            # The entry vanished or is unreadable mid-way: refuse it rather than retry forever.
+            self._refuse(entry, f"cannot read {name}: {exc.strerror or exc}")
+            return
+        await asyncio.to_thread(_remove, entry)
+        self.processed += 1
+        self.agent.events.publish(
+            "inbox.imported", entry=name, model=record.model, version=record.version, digest=record.manifest_digest
+        )
+        log.info("drop-in image imported and deployed", entry=name, model=record.model, version=result["version"])
+
+    def _refuse(self, entry: Path, reason: str) -> None:
+        self.refused += 1
+        dest = self.refused_dir / entry.name
+        if dest.exists() or dest.is_symlink():
+            dest = self.refused_dir / f"{entry.name}.{int(time.time())}"
+        try:
+            os.replace(entry, dest)
+            (self.refused_dir / f"{dest.name}.reason").write_text(reason.rstrip() + "\n")
+        except OSError as exc:
+            log.error("cannot move a refused drop-in entry aside", entry=entry.name, error=str(exc))
+        self.agent.events.publish("inbox.refused", entry=entry.name, error=reason)
+        log.error("drop-in image refused", entry=entry.name, moved_to=str(dest), error=reason)
+
+
+def _check_shape(entry: Path) -> None:
+    if entry.is_symlink():
+        raise BadRequest(f"{entry.name}: symbolic links are not followed in the drop-in folder")
+    if entry.is_dir():
+        if not (entry / "oci-layout").is_file() or not (entry / "index.json").is_file():
+            raise BadRequest(f"{entry.name}: not an OCI image layout (no oci-layout or index.json file)")
+        return
+    if entry.is_file():
+        if not entry.name.endswith(".tar"):
+            raise BadRequest(f"{entry.name}: drop-in files must be OCI layouts as tar archives (*.tar)")
+        return
+    raise BadRequest(f"{entry.name}: neither a directory nor a file")
+
+
+def _last_change(entry: Path) -> float:
+    """Newest mtime/ctime in the entry (a directory is walked): when it was last written."""
+    try:
+        st = entry.lstat()
+    except FileNotFoundError:
+        return time.time()
+    newest = max(st.st_mtime, st.st_ctime)
+    if entry.is_dir() and not entry.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(entry):
+            for item in (*dirnames, *filenames):
+                with contextlib.suppress(FileNotFoundError):
+                    s = os.lstat(os.path.join(dirpath, item))
+                    newest = max(newest, s.st_mtime, s.st_ctime)
+    return newest
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+
+
+def attach_inbox(agent: Any) -> InboxWatcher | None:
+    settings = InboxSettings.from_config(agent.config)
+    if not settings.enabled:
+        return None
+    watcher = InboxWatcher(agent, settings)
+    agent.inbox = watcher
+    agent.services.append(watcher)
+    return watcher

@@ -1,0 +1,1 @@
+"""Telemetry snapshots of an agent: its metrics regrouped per model and version, plus GPU statistics."""
