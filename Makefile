@@ -36,11 +36,11 @@ run: bootstrap
 	$(BIN)/edge-agent run $(RUN_ARGS)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check agent simulator tests bench native
-	$(BIN)/ruff format --check agent simulator tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: bootstrap
-	$(BIN)/ruff check agent simulator tests bench native
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 # The KServe anchor pins its own dependency set: it gets a venv of its own.

@@ -49,28 +49,14 @@ class InboxSettings:
 
     @classmethod
     def from_config(cls, config: Any) -> InboxSettings:
+        from agent.config import coerce
+
         section = config.section("inbox")
-        try:
-            return cls(
-                enabled=_bool(section.get("enabled", True)),
-                settle_s=float(section.get("settle_s", 1.0)),
-                rescan_s=float(section.get("rescan_s", 30.0)),
-            )
-        except ValueError as exc:
-            from agent.errors import ConfigError
-
-            raise ConfigError(f"[inbox]: {exc}") from exc
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected a boolean, got {value!r}")
+        return cls(
+            enabled=coerce("inbox.enabled", section.get("enabled", True), bool),
+            settle_s=coerce("inbox.settle_s", section.get("settle_s", 1.0), float),
+            rescan_s=coerce("inbox.rescan_s", section.get("rescan_s", 30.0), float),
+        )
 
 
 class _Wakeup(FileSystemEventHandler):
@@ -127,8 +113,11 @@ class InboxWatcher:
     async def _run(self) -> None:
         assert self._wake is not None
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.rescan_s)
+            # asyncio.timeout, not wait_for: on 3.11 a cancel that races wait_for's inner
+            # task can be lost, and stop() would wait for this task forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.rescan_s):
+                    await self._wake.wait()
             self._wake.clear()
             # Let a burst of writes settle before judging which entries are complete.
             while pending := await self.scan_once():

@@ -442,8 +442,10 @@ class KubeWatcher:
         failures = 0
         while True:
             timeout = self._backoff(failures) if self._events else None
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races it.
             with contextlib.suppress(TimeoutError):
-                self._take(await asyncio.wait_for(self._queue.get(), timeout))
+                async with asyncio.timeout(timeout):
+                    self._take(await self._queue.get())
             if await self._post_events():
                 failures = 0
             else:
