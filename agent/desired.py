@@ -37,15 +37,12 @@ class DesiredState:
     def put(self, source: str, deployment: ModelDeployment) -> None:
         self.rank(source)
         with self.db.lock:
-            self.db.db["desired"].upsert(
-                {
-                    "source": source,
-                    "model": deployment.model,
-                    "spec": orjson.dumps(deployment.to_dict()).decode(),
-                    "updated_at": time.time(),
-                },
-                pk=("source", "model"),
+            self.db.db.conn.execute(
+                "INSERT INTO desired (source, model, spec, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(source, model) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at",
+                (source, deployment.model, orjson.dumps(deployment.to_dict()).decode(), time.time()),
             )
+            self.db.db.conn.commit()
 
     def delete(self, source: str, model: str) -> None:
         with self.db.lock:

@@ -77,22 +77,20 @@ class Lifecycle:
 
     def _journal_start(self, model: str, from_version: str | None, to_version: str, source: str) -> int:
         with self.db.lock:
-            table = self.db.db["swaps"]
-            table.insert(
-                {
-                    "model": model,
-                    "from_version": from_version,
-                    "to_version": to_version,
-                    "source": source,
-                    "state": "started",
-                    "started_at": time.time(),
-                }
+            cursor = self.db.db.conn.execute(
+                "INSERT INTO swaps (model, from_version, to_version, source, state, started_at) "
+                "VALUES (?, ?, ?, ?, 'started', ?)",
+                (model, from_version, to_version, source, time.time()),
             )
-            return int(table.last_pk)
+            self.db.db.conn.commit()
+            return int(cursor.lastrowid or 0)
 
     def _journal_end(self, swap_id: int, state: str, error: str | None = None) -> None:
         with self.db.lock:
-            self.db.db["swaps"].update(swap_id, {"state": state, "error": error, "ended_at": time.time()})
+            self.db.db.conn.execute(
+                "UPDATE swaps SET state = ?, error = ?, ended_at = ? WHERE id = ?", (state, error, time.time(), swap_id)
+            )
+            self.db.db.conn.commit()
 
     def unfinished_swaps(self) -> list[dict[str, Any]]:
         with self.db.lock:
@@ -132,6 +130,7 @@ class Lifecycle:
             # millisecond or two, and on the event loop that would show in the serving p99.
             swap_id = await asyncio.to_thread(self._journal_start, model, from_version, primary.version, source)
             loaded: list[tuple[LoadedModel, int]] = []
+            newly_loaded: list[LoadedModel] = []
             try:
                 for record, weight in targets:
                     existing = current_versions.get(record.version)
@@ -143,7 +142,9 @@ class Lifecycle:
                         loaded.append((retained[0], weight))
                         continue
                     self.events.publish("model.loading", model=model, version=record.version, source=source)
-                    loaded.append((await loop.run_in_executor(self.agent.executor, self.models.load, record), weight))
+                    fresh = await loop.run_in_executor(self.agent.executor, self.models.load, record)
+                    newly_loaded.append(fresh)
+                    loaded.append((fresh, weight))
             except AgentError as exc:
                 await asyncio.to_thread(self._record_failure, swap_id, model, primary.version, str(exc))
                 self.events.publish(
@@ -159,8 +160,8 @@ class Lifecycle:
 
             # The switch itself: one assignment on the event loop, so every request is
             # routed wholly before or wholly after it.
-            fresh = [lm.warm_at for lm, _ in loaded if lm not in current_versions.values()]
-            warm_at = max(fresh) if fresh else time.perf_counter()
+            # Versions already warm (serving, or retained for rollback) are ready from here.
+            warm_at = max((lm.warm_at for lm in newly_loaded), default=time.perf_counter())
             self.models.route(model, Route.weighted(loaded))
             # Warm to routed: from the moment the last new pool finished warming.
             switch_ms = (time.perf_counter() - warm_at) * 1000

@@ -164,9 +164,15 @@ class StateDB:
                 rows = self.db["versions"].rows_where("model = ?", [model], order_by="created_at")
             return [VersionRecord.from_row(r) for r in rows]
 
+    # The writes a swap makes are plain SQL: sqlite-utils introspects the table on
+    # every call, which costs more than the write and holds the GIL the event loop needs.
     def set_version_status(self, model: str, version: str, status: str, error: str | None = None) -> None:
         with self.lock:
-            self.db["versions"].update((model, version), {"status": status, "error": error})
+            self.db.conn.execute(
+                "UPDATE versions SET status = ?, error = ? WHERE model = ? AND version = ?",
+                (status, error, model, version),
+            )
+            self.db.conn.commit()
 
     def delete_version(self, model: str, version: str) -> None:
         with self.lock:
@@ -185,20 +191,18 @@ class StateDB:
     def set_active(self, model: str, version: str | None) -> None:
         """Record the routed version; the one it replaces becomes ``previous``."""
         with self.transaction() as db:
-            rows = list(db["models"].rows_where("name = ?", [model]))
-            previous = rows[0]["active_version"] if rows else None
-            if previous == version:
-                previous = rows[0]["previous_version"]
-            db["models"].upsert(
-                {
-                    "name": model,
-                    "active_version": version,
-                    "previous_version": previous,
-                    "status": "ok",
-                    "error": None,
-                    "updated_at": time.time(),
-                },
-                pk="name",
+            row = db.conn.execute(
+                "SELECT active_version, previous_version FROM models WHERE name = ?", (model,)
+            ).fetchone()
+            previous = row[0] if row else None
+            if previous == version and row is not None:
+                previous = row[1]
+            db.conn.execute(
+                "INSERT INTO models (name, active_version, previous_version, pinned, status, error, updated_at) "
+                "VALUES (?, ?, ?, 0, 'ok', NULL, ?) ON CONFLICT(name) DO UPDATE SET "
+                "active_version = excluded.active_version, previous_version = excluded.previous_version, "
+                "status = 'ok', error = NULL, updated_at = excluded.updated_at",
+                (model, version, previous, time.time()),
             )
 
     def set_model_status(self, model: str, status: str, error: str | None = None) -> None:

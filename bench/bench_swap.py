@@ -12,9 +12,13 @@ routed as the agent reports it (target < 50 ms; the pull is excluded, the
 versions are already in the store), and the agent's RSS after the swaps against
 before (target within 10%).
 
-The rollback grace is 0 s, so every swap loads the new version afresh (compile
-cache hit, pool instantiation, warm-up with golden check) and releases the old
-one: the worst case for both switch latency and leaks.
+The agent runs on its default rollback grace (300 s): the version swapped out
+stays warm, so swapping back is a route flip. ``--grace 0`` is the stress case:
+every swap loads the new version afresh (compile cache hit, pool instantiation,
+warm-up with golden check) and releases the old one, the worst case for serving
+latency and for leaks.
+
+    .venv/bin/python bench/bench_swap.py --grace 0
 """
 
 from __future__ import annotations
@@ -73,11 +77,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="30 swaps instead of 100")
     parser.add_argument("--swaps", type=int, default=None)
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=300.0,
+        help="rollback grace in s (default 300, the agent's own: the previous version stays warm, so "
+        "swapping back is a route flip; 0: every swap loads afresh, the stress case)",
+    )
     args = parser.parse_args()
     swaps = args.swaps or (30 if args.quick else 100)
     workdir = Path(tempfile.mkdtemp(prefix="edge-bench-swap-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
-    env["EDGE_AGENT_LIFECYCLE__ROLLBACK_GRACE_S"] = os.environ.get("GRACE", "0")
+    env["EDGE_AGENT_LIFECYCLE__ROLLBACK_GRACE_S"] = str(args.grace)
     state = workdir / "state"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -133,7 +144,10 @@ def main() -> None:
         rss_after = rss_bytes(proc.pid)
 
         failed = during["non2xx"] + (0 if not during["socket_errors"] else _socket_errors(during["socket_errors"]))
-        print(f"edge-agent hot-swap benchmark ({os.cpu_count()} CPUs, model: digits, {swaps} swaps under wrk -c16)\n")
+        print(
+            f"edge-agent hot-swap benchmark ({os.cpu_count()} CPUs, model: digits, {swaps} swaps under wrk -c16, "
+            f"rollback grace {args.grace:g} s)\n"
+        )
         print(f"  {'':26}{'req/s':>9}{'p50':>11}{'p99':>11}")
         print(f"  {'steady state':26}{steady['rps']:9.0f}{steady['p50'] * 1e3:9.2f}ms{steady['p99'] * 1e3:9.2f}ms")
         print(f"  {'during swaps':26}{during['rps']:9.0f}{during['p50'] * 1e3:9.2f}ms{during['p99'] * 1e3:9.2f}ms")
