@@ -184,6 +184,31 @@ def coerce(name: str, value: Any, kind: Any) -> Any:
     return value
 
 
+def section_values(
+    section: str,
+    table: Mapping[str, Any],
+    cls: type,
+    special: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A subsystem's config table as typed keyword arguments for its settings dataclass.
+
+    Keys the dataclass does not have are refused (a typo must not silently fall back
+    to a default); every value is coerced to its field's type, or by ``special[key]``
+    (called with the setting's dotted name and the raw value) where a field needs more.
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"unknown {section} setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    hints = get_type_hints(cls)
+    special = special or {}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{section}.{key}"
+        values[key] = special[key](name, value) if key in special else coerce(name, value, hints[key])
+    return values
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:

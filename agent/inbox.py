@@ -49,14 +49,9 @@ class InboxSettings:
 
     @classmethod
     def from_config(cls, config: Any) -> InboxSettings:
-        from agent.config import coerce
+        from agent.config import section_values
 
-        section = config.section("inbox")
-        return cls(
-            enabled=coerce("inbox.enabled", section.get("enabled", True), bool),
-            settle_s=coerce("inbox.settle_s", section.get("settle_s", 1.0), float),
-            rescan_s=coerce("inbox.rescan_s", section.get("rescan_s", 30.0), float),
-        )
+        return cls(**section_values("inbox", config.section("inbox"), cls))
 
 
 class _Wakeup(FileSystemEventHandler):

@@ -641,7 +641,7 @@ def test_the_integration_is_on_in_a_pod_or_when_told(env: dict[str, str], expect
         ({"mode": "url", "url": "localhost:8001"}, "k8s.url"),
         ({"backoff_initial_s": 0}, "backoff_initial_s"),
         ({"retry_initial_s": 60, "retry_max_s": 10}, "retry_max_s"),
-        ({"watch_timeout": 5}, "unknown setting"),
+        ({"watch_timeout": 5}, "unknown k8s setting.*watch_timeout"),
         ({"page_size": "many"}, "page_size"),
     ],
 )

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.config import Config, coerce
+from agent.config import Config, section_values
 from agent.errors import ConfigError
 
 
@@ -87,7 +87,7 @@ class RegistrySettings:
         if not isinstance(hosts_table, dict):
             raise ConfigError("[registry.hosts] must be a table of host tables")
         hosts = {name: _host(name, value) for name, value in hosts_table.items()}
-        values = _typed("registry", table, cls, skip={"hosts"})
+        values = section_values("registry", table, cls)
         settings = cls(hosts=hosts, **values)
         for name in ("attempts", "max_manifest_bytes", "max_config_bytes", "max_signature_bytes"):
             if getattr(settings, name) < 1:
@@ -129,7 +129,7 @@ class TrustSettings:
                     f"[trust.scopes] {scope!r} names unknown key(s) {unknown}; define them in [trust.keys]"
                 )
             parsed_scopes[scope.rstrip("/")] = tuple(names)
-        values = _typed("trust", table, cls, skip={"keys", "scopes"})
+        values = section_values("trust", table, cls)
         return cls(keys=dict(keys), scopes=parsed_scopes, **values)
 
 
@@ -153,7 +153,7 @@ class CacheSettings:
         table = dict(table)
         if "max_size" in table:
             table["max_bytes"] = parse_size(table.pop("max_size"))
-        values = _typed("cache", table, cls, skip=set())
+        values = section_values("cache", table, cls)
         settings = cls(**values)
         if settings.max_bytes < 0:
             raise ConfigError("cache.max_bytes must not be negative")
@@ -180,22 +180,5 @@ def parse_size(value: Any) -> int:
 def _host(name: str, value: Any) -> HostSettings:
     if not isinstance(value, dict):
         raise ConfigError(f"[registry.hosts.{name!r}] must be a table")
-    values = _typed(f"registry.hosts.{name}", dict(value), HostSettings, skip=set())
+    values = section_values(f"registry.hosts.{name}", dict(value), HostSettings)
     return HostSettings(**values)
-
-
-def _typed(where: str, table: dict[str, Any], cls: type, skip: set[str]) -> dict[str, Any]:
-    hints = {name: f.type for name, f in cls.__dataclass_fields__.items() if name not in skip}  # type: ignore[attr-defined]
-    unknown = set(table) - set(hints)
-    if unknown:
-        raise ConfigError(f"[{where}]: unknown setting(s) {', '.join(sorted(unknown))}")
-    out: dict[str, Any] = {}
-    for key, raw in table.items():
-        kind = hints[key]
-        base = kind.split("|")[0].strip() if isinstance(kind, str) else kind
-        out[key] = coerce(f"{where}.{key}", raw, _KINDS.get(base, base))
-    return out
-
-
-# Field annotations are strings under `from __future__ import annotations`.
-_KINDS: dict[Any, Any] = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path}

@@ -26,9 +26,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from typing import Any, get_type_hints
+from typing import Any
 
-from agent.config import Config, coerce
+from agent.config import Config, section_values
 from agent.errors import ConfigError
 
 MODES = ("auto", "in-cluster", "kubeconfig", "url")
@@ -64,18 +64,13 @@ class KubeSettings:
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any], default_node: str = "", in_cluster: bool = False) -> KubeSettings:
-        hints = get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise ConfigError(f"[k8s]: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         table = dict(table)
         # "auto" (the default): a pod always has KUBERNETES_SERVICE_HOST, so an
         # agent deployed by the DaemonSet needs no switch, and one on bare
         # hardware never tries to reach a cluster it was not told about.
         if str(table.get("enabled", "auto")).strip().lower() == "auto":
             table["enabled"] = in_cluster
-        values = {key: coerce(f"k8s.{key}", value, hints[key]) for key, value in table.items()}
+        values = section_values("k8s", table, cls)
         if not values.get("node_name"):
             values["node_name"] = default_node
         settings = cls(**values)

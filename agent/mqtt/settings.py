@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
-from agent.config import Config, coerce
+from agent.config import Config, section_values
 from agent.errors import ConfigError
 
 # Characters that would change the meaning of a topic built from a node or group id.
 _TOPIC_UNSAFE = set("+#/\x00")
-_PATH_FIELDS = frozenset({"password_file", "ca_file", "cert_file", "key_file"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,22 +88,15 @@ class MqttSettings:
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any]) -> MqttSettings:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:
-            raise ConfigError(f"unknown mqtt setting(s): {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
-        hints = get_type_hints(cls)
-        values: dict[str, Any] = {}
-        for key, value in raw.items():
-            name = f"mqtt.{key}"
-            if key == "groups":
-                values[key] = tuple(_string_list(name, value))
-            elif key == "fleet_keys":
-                values[key] = tuple(Path(p).expanduser() for p in _string_list(name, value))
-            elif key in _PATH_FIELDS:
-                values[key] = Path(str(value)).expanduser() if str(value) else None
-            else:
-                values[key] = coerce(name, value, hints[key])
+        values = section_values(
+            "mqtt",
+            raw,
+            cls,
+            special={
+                "groups": lambda name, value: tuple(_string_list(name, value)),
+                "fleet_keys": lambda name, value: tuple(Path(p).expanduser() for p in _string_list(name, value)),
+            },
+        )
         settings = cls(**values)
         settings.validate()
         return settings

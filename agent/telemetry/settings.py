@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from agent.config import Config, coerce
+from agent.config import Config, section_values
 from agent.errors import ConfigError
 
 
@@ -22,14 +22,7 @@ class TelemetrySettings:
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any]) -> TelemetrySettings:
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown telemetry setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        values = {
-            "interval_s": coerce("telemetry.interval_s", raw.get("interval_s", cls.interval_s), float),
-            "gpu": coerce("telemetry.gpu", raw.get("gpu", cls.gpu), bool),
-        }
+        values = section_values("telemetry", raw, cls)
         settings = cls(**values)
         if settings.interval_s <= 0:
             raise ConfigError(f"telemetry.interval_s must be positive, got {settings.interval_s}")
