@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from agent.errors import CorruptBlob, NotFound
+from agent.fsmodes import PRIVATE_DIR, private_dirs, private_opener
 
 CHUNK = 1 << 20
 
@@ -59,7 +60,8 @@ class BlobWriter:
             split_digest(expected)
             self.path = store.partial_path(expected)
             mode = "r+b" if resume and self.path.exists() else "wb"
-            self._fh: BinaryIO = open(self.path, mode)  # noqa: SIM115 - closed in commit/abort
+            # 0600 like every file under the state directory (mkstemp below already is).
+            self._fh: BinaryIO = open(self.path, mode, opener=private_opener)  # noqa: SIM115 - closed in commit/abort
             if mode == "r+b":
                 # Re-hash what is already there: the hash state is not persisted.
                 while chunk := self._fh.read(CHUNK):
@@ -120,8 +122,8 @@ class BlobStore:
         self.root = Path(root)
         self.blob_dir = self.root / "blobs" / "sha256"
         self.tmp_dir = self.root / "tmp"
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.blob_dir)
+        private_dirs(self.tmp_dir)
 
     def path(self, digest: str) -> Path:
         return self.blob_dir / split_digest(digest)[1]
@@ -192,7 +194,7 @@ class BlobStore:
     def quarantine(self, digest: str) -> Path:
         """Move a blob that failed verification aside, keeping it for inspection."""
         qdir = self.root / "quarantine"
-        qdir.mkdir(exist_ok=True)
+        qdir.mkdir(mode=PRIVATE_DIR, exist_ok=True)
         target = qdir / split_digest(digest)[1]
         shutil.move(str(self.path(digest)), target)
         return target

@@ -63,6 +63,16 @@ class Config:
     inline_threshold_us: int = 200
     worker_threads: int = 4
     max_body_bytes: int = 8 * 1024 * 1024
+    # What one client can make the HTTP server hold; each limit is answered as
+    # soon as it is crossed (414, 431, 503), never after buffering.
+    max_url_bytes: int = 8 * 1024
+    max_header_bytes: int = 64 * 1024  # request line + headers
+    max_header_count: int = 100
+    # Request bodies held at once across all connections (bodies <= 64 KiB are always admitted).
+    max_inflight_body_bytes: int = 64 * 1024 * 1024
+    max_connections: int = 512
+    # Unsent output above which a connection is no longer read (a client not reading its answers).
+    write_buffer_high_bytes: int = 64 * 1024
     # How long SIGTERM waits for in-flight requests before closing anyway.
     drain_timeout_s: float = 10.0
     # Import the bundled reference models into an empty store at start-up.
@@ -139,10 +149,33 @@ class Config:
         for name in ("pool_size", "request_timeout_ms", "memory_limit_mb", "worker_threads", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self._validate_http_limits()
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError(f"log_format must be auto, json or console, got {self.log_format!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError(f"log_level must be debug, info, warning, error or critical, got {self.log_level!r}")
+
+    def _validate_http_limits(self) -> None:
+        for name in (
+            "max_url_bytes",
+            "max_header_bytes",
+            "max_header_count",
+            "max_inflight_body_bytes",
+            "max_connections",
+            "write_buffer_high_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_url_bytes > self.max_header_bytes:
+            raise ConfigError(
+                f"max_url_bytes ({self.max_url_bytes}) must not exceed max_header_bytes ({self.max_header_bytes})"
+            )
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            # else a body the per-request limit allows could never be admitted
+            raise ConfigError(
+                f"max_inflight_body_bytes ({self.max_inflight_body_bytes}) must be at least "
+                f"max_body_bytes ({self.max_body_bytes})"
+            )
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -23,12 +23,14 @@ from agent.cas import BlobStore
 from agent.config import Config
 from agent.errors import AgentError, CorruptBlob
 from agent.events import EventBus
+from agent.fsmodes import private_dirs, tighten_tree
 from agent.metrics import Metrics
 from agent.models import ModelManager, Route
 from agent.repository import ModelRepository
 from agent.runtime import LoadSettings, WasmRuntime
 from agent.server.http import HttpServer
 from agent.server.oip import InferenceAPI
+from agent.server.repository_api import build_repository_api
 from agent.state import StateDB
 
 
@@ -54,12 +56,17 @@ class Agent:
         self.log = structlog.get_logger("edge_agent").bind(node=config.node_id)
         state = config.state_dir
         try:
-            state.mkdir(parents=True, exist_ok=True)
+            # 0700, like systemd's UMask=0077 would make it (agent/fsmodes.py); an older, looser one is tightened.
+            private_dirs(state)
+            tightened = tighten_tree(state)
             probe = state / ".write-test"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
             raise StateDirError(f"state directory {state} is not usable: {exc.strerror or exc}") from exc
+        if tightened is not None:
+            was, entries = tightened
+            self.log.warning("state directory permissions tightened", path=str(state), was=oct(was), entries=entries)
         self.blobs = BlobStore(state)
         self.db = StateDB(state / "agent.db")
         self.repository = ModelRepository(self.blobs, self.db)
@@ -67,6 +74,7 @@ class Agent:
         self.runtime = runtime or WasmRuntime(config.compile_cache_dir or state / "compiled")
         self.events = EventBus()
         self.metrics = Metrics()
+        self.events.listen(self.metrics.observe_event)  # image pulls, drop-in entries
         self.models = ModelManager(
             self.runtime,
             self.blobs,
@@ -82,9 +90,19 @@ class Agent:
             is_ready=lambda: self.started and not self.stopping,
             extra_routes=self._extra_routes,
         )
-        self.http = HttpServer(self.api, max_body_bytes=config.max_body_bytes)
+        self.http = HttpServer(
+            self.api,
+            max_body_bytes=config.max_body_bytes,
+            max_url_bytes=config.max_url_bytes,
+            max_header_bytes=config.max_header_bytes,
+            max_header_count=config.max_header_count,
+            max_inflight_body_bytes=config.max_inflight_body_bytes,
+            max_connections=config.max_connections,
+            write_buffer_high_bytes=config.write_buffer_high_bytes,
+        )
         self.services: list[Service] = []
         self.control: Any = None  # the reconciler's Control, set by the lifecycle layer
+        self.repository_api: Any = None  # the local control API, built in start() around self.control
         self.address: tuple[str, int] | None = None
         self.started = False
         self.stopping = False
@@ -99,6 +117,8 @@ class Agent:
             for record in self.repository.seed_bundled():
                 self.log.info("seeded bundled model", model=record.model, version=record.version)
         await self.load_active()
+        # Before listening: the control API's token (made on the first start) must exist first.
+        self.repository_api = build_repository_api(self)
         host, port = self.config.host_port
         try:
             self.address = await self.http.listen(host, port)
@@ -154,8 +174,9 @@ class Agent:
         self.log.warning("instance replaced", model=model, version=version, reason=reason)
 
     def _extra_routes(self, request: Any, parts: list[str]) -> Any:
-        handler = getattr(self.control, "http_route", None)
-        return handler(request, parts) if handler is not None else None
+        # The control API (agent/server/repository_api.py), built at start once a Control is attached.
+        api = self.repository_api
+        return api.route(request, parts) if api is not None else None
 
     # -- shutdown ------------------------------------------------------------------------
     async def stop(self) -> None:
@@ -211,6 +232,7 @@ class Agent:
                     "previous_version": mrec.previous_version,
                     "pinned": mrec.pinned,
                     "serving": [m.version for m in route.versions()] if route else [],
+                    "loaded": self.models.loaded_versions(mrec.name),
                     "status": "broken" if mrec.name in self.models.broken else mrec.status,
                     "error": self.models.broken.get(mrec.name) or mrec.error,
                 }

@@ -53,3 +53,19 @@ class CorruptBlob(AgentError):
 
 class ConfigError(AgentError):
     """Configuration that cannot be used; the CLI exits with EX_CONFIG."""
+
+
+class Forbidden(AgentError):
+    """A request the agent refuses whoever sends it: cross-origin, or a pull outside the trust scopes."""
+
+    http_status = 403
+
+
+class InvalidValue(BadRequest):
+    """A value the setting or argument it is given to does not accept.
+
+    ``wire_code`` is the error code MQTT replies carry (docs/MQTT.md); without one
+    the code is derived from the class name.
+    """
+
+    wire_code = "invalid_value"

@@ -10,4 +10,5 @@ SOFTWARE = 70  # a model failed while running
 OSERR = 71  # cannot bind the listen address and the like
 CANTCREAT = 73  # the state directory cannot be created or written
 TEMPFAIL = 75  # try again later
+NOPERM = 77  # the agent refused the request: no or wrong API token, cross-origin, untrusted registry
 CONFIG = 78  # configuration error: systemd's RestartPreventExitStatus uses it

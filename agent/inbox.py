@@ -14,6 +14,14 @@ into place when complete; entries that are still growing are also left alone
 until they have been quiet for ``inbox.settle_s`` seconds, so a slow ``cp``
 works too. Entries present at start-up (dropped while the agent was down) are
 processed first.
+
+Whoever can write here is not trusted: a layout is read only through its own
+regular files, with bounded reads (:mod:`agent.images.layout`), so a link to
+``/dev/zero`` or to a host file, a FIFO or a sparse tar member is refused
+instead of followed, read or waited on. Whatever goes wrong with one entry —
+even an error nobody anticipated — refuses that entry and the watcher goes on
+with the next. ``.reason`` files are written 0600 through a descriptor of
+``refused/`` (a link planted there is replaced, never written through).
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from agent.errors import AgentError, BadRequest
 log = structlog.get_logger("edge_agent.inbox")
 
 REFUSED_DIR = "refused"
+# A reason quotes the dropper's own text (names from index.json): keep it to a readable size.
+MAX_REASON_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -114,9 +124,13 @@ class InboxWatcher:
                 async with asyncio.timeout(self.settings.rescan_s):
                     await self._wake.wait()
             self._wake.clear()
-            # Let a burst of writes settle before judging which entries are complete.
-            while pending := await self.scan_once():
-                await asyncio.sleep(min(self.settings.settle_s, max(0.05, pending)))
+            try:
+                # Let a burst of writes settle before judging which entries are complete.
+                while pending := await self.scan_once():
+                    await asyncio.sleep(min(self.settings.settle_s, max(0.05, pending)))
+            except Exception:
+                # The folder itself misbehaved (unreadable, gone): keep watching, try again at the next wake-up.
+                log.exception("drop-in folder scan failed; watching on")
 
     async def scan_once(self) -> float:
         """Process every settled entry; returns how long until an unsettled one may be ready (0: none)."""
@@ -155,6 +169,11 @@ class InboxWatcher:
             # The entry vanished or is unreadable mid-way: refuse it rather than retry forever.
             self._refuse(entry, f"cannot read {name}: {exc.strerror or exc}")
             return
+        except Exception as exc:
+            # A bug below, or input no layer anticipated: this entry is refused, the watcher lives on.
+            log.exception("drop-in entry failed unexpectedly", entry=name)
+            self._refuse(entry, f"{name}: internal error while importing ({type(exc).__name__}: {exc})")
+            return
         await asyncio.to_thread(_remove, entry)
         self.processed += 1
         self.agent.events.publish(
@@ -164,16 +183,57 @@ class InboxWatcher:
 
     def _refuse(self, entry: Path, reason: str) -> None:
         self.refused += 1
-        dest = self.refused_dir / entry.name
-        if dest.exists() or dest.is_symlink():
-            dest = self.refused_dir / f"{entry.name}.{int(time.time())}"
+        reason = reason.rstrip()
+        if len(reason) > MAX_REASON_CHARS:
+            reason = reason[:MAX_REASON_CHARS] + " [...]"
+        moved_to: str | None = None
         try:
-            os.replace(entry, dest)
-            (self.refused_dir / f"{dest.name}.reason").write_text(reason.rstrip() + "\n")
-        except OSError as exc:
+            moved_to = _move_aside(self.refused_dir, entry, reason)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the refusal is still logged and published
             log.error("cannot move a refused drop-in entry aside", entry=entry.name, error=str(exc))
         self.agent.events.publish("inbox.refused", entry=entry.name, error=reason)
-        log.error("drop-in image refused", entry=entry.name, moved_to=str(dest), error=reason)
+        log.error("drop-in image refused", entry=entry.name, moved_to=moved_to, error=reason)
+
+
+def _move_aside(refused_dir: Path, entry: Path, reason: str) -> str:
+    """Move ``entry`` into ``refused/`` and write its ``.reason`` (0600) beside it; returns the new path.
+
+    Both go through a descriptor of ``refused/`` opened without following links, and the
+    reason is written to a fresh file renamed into place, so a link the dropper planted as
+    ``refused`` or as ``<name>.reason`` is never written through.
+    """
+    try:
+        dir_fd = os.open(refused_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        refused_dir.mkdir(mode=0o750)
+        dir_fd = os.open(refused_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        name = entry.name
+        if _lexists(name, dir_fd):
+            name = f"{entry.name}.{time.time_ns()}"
+        os.replace(entry, name, dst_dir_fd=dir_fd)
+        tmp = f".{name}.reason.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(reason + "\n")
+            os.replace(tmp, f"{name}.reason", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        return str(refused_dir / name)
+    finally:
+        os.close(dir_fd)
+
+
+def _lexists(name: str, dir_fd: int) -> bool:
+    """Whether ``refused/<name>`` exists, as anything (a dangling link counts)."""
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _check_shape(entry: Path) -> None:

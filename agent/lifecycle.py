@@ -16,18 +16,20 @@ reconciler sees what was in flight.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
+import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import structlog
 
 from agent.control import ModelDeployment
 from agent.desired import DesiredState
-from agent.errors import AgentError, BadRequest, NotFound
+from agent.errors import AgentError, BadRequest, InvalidValue, NotFound
 from agent.models import Route
 from agent.runtime import LoadedModel
-from agent.server.http import Request, Response
 from agent.state import VersionRecord
 
 if TYPE_CHECKING:
@@ -97,31 +99,68 @@ class Lifecycle:
             return list(self.db.db["swaps"].rows_where("state = 'started'", order_by="id"))
 
     async def recover(self) -> None:
-        """After a crash: close the journal entries a kill interrupted, then reconcile."""
+        """After a crash: close the journal entries a kill interrupted, then reconcile.
+
+        The log says what really happened to each interrupted swap, which is only
+        known after the reconcile: the restart serves the version recorded as
+        active, and the reconciler may then finish the swap its source still wants.
+        """
+        interrupted = []
         for row in self.unfinished_swaps():
             mrec = self.db.get_model(row["model"])
             switched = mrec is not None and mrec.active_version == row["to_version"]
             self._journal_end(row["id"], "switched" if switched else "abandoned", "interrupted by a restart")
+            interrupted.append((row, switched))
+        await self._adopt_legacy_pins()
+        await self.reconcile()
+        for row, switched in interrupted:
+            route = self.models.routes.get(row["model"])
+            serving = route.primary.version if route is not None else None
+            if switched:
+                outcome = "it had switched before the restart"
+            elif serving == row["to_version"]:
+                outcome = "it had not switched; the restart served the old version and reconciliation finished it"
+            else:
+                outcome = "it had not switched; the old version is kept"
             log.warning(
                 "swap interrupted by a restart",
                 model=row["model"],
+                from_version=row["from_version"],
                 to_version=row["to_version"],
-                outcome="finished" if switched else "abandoned, old version kept",
+                serving=serving,
+                outcome=outcome,
             )
-        await self.reconcile()
 
     # -- the swap ------------------------------------------------------------------
     def _lock(self, model: str) -> asyncio.Lock:
         return self._locks.setdefault(model, asyncio.Lock())
 
-    async def swap(self, record: VersionRecord, source: str) -> dict[str, Any]:
+    async def swap(
+        self, record: VersionRecord, source: str, *, still_wanted: Callable[[], bool] | None = None
+    ) -> dict[str, Any]:
         """Make ``record`` the one version serving its model."""
-        return await self.route_versions(record.model, [(record, 100)], source)
+        return await self.route_versions(record.model, [(record, 100)], source, still_wanted=still_wanted)
 
-    async def route_versions(self, model: str, targets: list[tuple[VersionRecord, int]], source: str) -> dict[str, Any]:
-        """Load every target version, then switch the model's route to the weighted split."""
+    async def route_versions(
+        self,
+        model: str,
+        targets: list[tuple[VersionRecord, int]],
+        source: str,
+        *,
+        still_wanted: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
+        """Load every target version, then switch the model's route to the weighted split.
+
+        ``still_wanted`` is asked once the model's lock is held: a reconcile that
+        waited behind a newer one must not undo it with what it read before.
+        """
+        # A zero weight takes no traffic: such a version is neither loaded nor routed.
+        targets = [(record, weight) for record, weight in targets if weight > 0]
+        if not targets:
+            raise BadRequest(f"a traffic split for {model} needs at least one version with a positive weight")
         async with self._lock(model):
-            loop = asyncio.get_running_loop()
+            if still_wanted is not None and not still_wanted():
+                return {"model": model, "skipped": "superseded by a newer desired state"}
             current = self.models.routes.get(model)
             current_versions = {m.version: m for m in current.versions()} if current else {}
             primary = max(targets, key=lambda t: t[1])[0]
@@ -131,21 +170,29 @@ class Lifecycle:
             swap_id = await asyncio.to_thread(self._journal_start, model, from_version, primary.version, source)
             loaded: list[tuple[LoadedModel, int]] = []
             newly_loaded: list[LoadedModel] = []
+            # Every version this swap will route holds one hold for it, taken in the
+            # same step as the lookup that found it (no await in between), so no
+            # background release can close it before the switch; the new route
+            # inherits these holds.
+            claims: list[LoadedModel] = []
             try:
                 for record, weight in targets:
-                    existing = current_versions.get(record.version)
-                    if existing is not None and existing.record.digests == record.digests:
-                        loaded.append((existing, weight))
-                        continue
-                    retained = self._retained.get(model)
-                    if retained is not None and retained[0].version == record.version:
-                        loaded.append((retained[0], weight))
+                    warm = self._warm_version(model, record, current_versions)
+                    if warm is not None:
+                        self.models.hold(warm)
+                        claims.append(warm)
+                        loaded.append((warm, weight))
                         continue
                     self.events.publish("model.loading", model=model, version=record.version, source=source)
-                    fresh = await loop.run_in_executor(self.agent.executor, self.models.load, record)
+                    fresh = await self._load(record)
+                    claims.append(fresh)
                     newly_loaded.append(fresh)
                     loaded.append((fresh, weight))
-            except AgentError as exc:
+            except BaseException as exc:
+                for lm in claims:
+                    self._let_go(lm)
+                if not isinstance(exc, AgentError):
+                    raise
                 await asyncio.to_thread(self._record_failure, swap_id, model, primary.version, str(exc))
                 self.events.publish(
                     "model.swap_failed", model=model, version=primary.version, source=source, error=str(exc)
@@ -153,9 +200,6 @@ class Lifecycle:
                 log.error(
                     "swap refused, old version keeps serving", model=model, version=primary.version, error=str(exc)
                 )
-                for lm, _ in loaded:
-                    if lm not in current_versions.values():
-                        self.models.release(lm)
                 raise
 
             # The switch itself: one assignment on the event loop, so every request is
@@ -165,6 +209,16 @@ class Lifecycle:
             self.models.route(model, Route.weighted(loaded))
             # Warm to routed: from the moment the last new pool finished warming.
             switch_ms = (time.perf_counter() - warm_at) * 1000
+            # The old route's holds, handed on in the same step as the switch (a cancel
+            # at the next await must not strand them): a version the new route serves
+            # too is held by this swap's claim already; the others pass their hold to
+            # the rollback retention.
+            new_versions = {id(lm) for lm, _ in loaded}
+            for old in current_versions.values():
+                if id(old) in new_versions:
+                    self._let_go(old)
+                else:
+                    self._retire(model, old)
             # Persisted after the switch: a kill -9 in between leaves the journal entry open
             # and the old version recorded as active, which recover() resolves by
             # abandoning the swap (the restarted node serves the old, whole version).
@@ -186,16 +240,27 @@ class Lifecycle:
                 previous=from_version,
                 switch_ms=round(switch_ms, 3),
             )
-            new_versions = {id(lm) for lm, _ in loaded}
-            for old in current_versions.values():
-                if id(old) not in new_versions:
-                    self._retire(model, old)
             return {
                 "model": model,
                 "version": primary.version,
                 "previous": from_version,
                 "switch_ms": round(switch_ms, 3),
             }
+
+    async def _load(self, record: VersionRecord) -> LoadedModel:
+        """``ModelManager.load`` on a worker; a swap cancelled meanwhile gives the hold back when it lands."""
+        job = self.agent.executor.submit(self.models.load, record)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            loop = asyncio.get_running_loop()
+
+            def landed(done: concurrent.futures.Future[LoadedModel]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    loop.call_soon_threadsafe(self._let_go, done.result())
+
+            job.add_done_callback(landed)
+            raise
 
     def _record_failure(self, swap_id: int, model: str, version: str, error: str) -> None:
         self._journal_end(swap_id, "failed", error)
@@ -206,27 +271,61 @@ class Lifecycle:
         self._journal_end(swap_id, "switched")
         self.db.set_version_status(model, version, "ready", None)
 
+    def _warm_version(self, model: str, record: VersionRecord, current: dict[str, LoadedModel]) -> LoadedModel | None:
+        """The open version of ``record`` that a swap can route without loading: serving or retained."""
+        serving = current.get(record.version)
+        if serving is not None and serving.record.digests == record.digests:
+            return serving
+        retained = self._retained.get(model)
+        if retained is not None and (retained[0].version, retained[0].record.digests) == (
+            record.version,
+            record.digests,
+        ):
+            return retained[0]
+        return None
+
     def _retire(self, model: str, old: LoadedModel) -> None:
-        """Drain ``old`` and keep it warm for the rollback grace period, then release it."""
+        """Keep ``old`` warm for the rollback grace period (it brings its hold), then let it go.
+
+        Only one version per model is retained: the one it supersedes gives up
+        its retention hold. Serving or claimed elsewhere, that version keeps its
+        other holds and stays open.
+        """
         previous = self._retained.pop(model, None)
         if previous is not None:
             previous[1].cancel()
-            self._spawn(self._drain_and_release(previous[0], 0.0))
-        task = asyncio.ensure_future(self._drain_and_release(old, self.rollback_grace_s))
+            self._let_go(previous[0])
+        task = asyncio.ensure_future(self._expire_retention(model, old, self.rollback_grace_s))
         self._retained[model] = (old, task)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _drain_and_release(self, old: LoadedModel, keep_s: float) -> None:
-        deadline = time.monotonic() + self.drain_timeout_s
-        while old.inflight > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.002)
+    async def _expire_retention(self, model: str, old: LoadedModel, keep_s: float) -> None:
         if keep_s > 0:
             await asyncio.sleep(keep_s)
-        retained = self._retained.get(old.name)
+        retained = self._retained.get(model)
         if retained is not None and retained[0] is old:
-            del self._retained[old.name]
-        self.models.release(old)
+            del self._retained[model]
+        self._let_go(old)
+
+    def _let_go(self, lm: LoadedModel) -> None:
+        """Give back one hold on ``lm``. The last one detaches it, and its pool closes once drained.
+
+        Every hold is given back through here, so whichever holder turns out to
+        be the last, the version's in-flight requests finish before its
+        instances go.
+        """
+        if self.models.drop(lm):
+            self._spawn(self._drain_and_close(lm))
+
+    async def _drain_and_close(self, lm: LoadedModel) -> None:
+        try:
+            deadline = time.monotonic() + self.drain_timeout_s
+            while lm.inflight > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.002)
+        finally:
+            # Cancelled (the agent is stopping): close now rather than leak the pool.
+            lm.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -261,7 +360,13 @@ class Lifecycle:
         record = await self._record_for(ref, model)
         self._check_precedence(record.model, source)
         self._check_pin(record.model, source, record.version)
+        pin = self._pin_of(record.model)
+        if pin is not None and pin[0] == source:
+            # Pinned at this very version by this source: the pin, with the deployment
+            # it holds, stays as it is; only make sure that version is what serves.
+            return await self.swap(record, source)
         await asyncio.to_thread(self.desired.put, source, ModelDeployment(model=record.model, ref=ref))
+        self._sync_pin_flag(record.model)
         return await self.swap(record, source)
 
     async def rollback(self, model: str, *, source: str = "local") -> dict[str, Any]:
@@ -271,22 +376,94 @@ class Lifecycle:
             raise NotFound(f"unknown model {model!r}")
         if not mrec.previous_version:
             raise BadRequest(f"model {model} has no previous version to roll back to")
+        self._check_pin(model, source, mrec.previous_version)
         record = self.repository.resolve(model, mrec.previous_version)
         result = await self.swap(record, source)
-        self.desired.put(source, ModelDeployment(model=model, ref=f"store:{model}:{record.version}"))
+        wish = ModelDeployment(model=model, ref=f"store:{model}:{record.version}")
+        await asyncio.to_thread(self.desired.put, source, wish)
+        self._sync_pin_flag(model)
         self.agent.metrics.rollbacks.labels(model).inc()
         self.events.publish("model.rollback", model=model, version=record.version, source=source)
         return result
 
     async def pin(self, model: str, pinned: bool = True, *, source: str = "local") -> dict[str, Any]:
+        """Hold the serving version against automatic changes, as a wish of ``source``.
+
+        A pin is part of a source's desired state, so it obeys precedence like
+        any change: a source may not pin (or unpin) a model a higher one
+        governs, and a higher source's change overrides a lower one's pin. A
+        source that had no wish for the model adopts the version it serves now
+        (and so governs it from then on, like a deploy of that version).
+        """
+        self._check_precedence(model, source)
         mrec = self.db.get_model(model)
         if mrec is None:
             raise NotFound(f"unknown model {model!r}")
-        self.db.set_pinned(model, pinned)
+        async with self._lock(model):  # no swap of this model between reading what serves and holding it
+            if pinned:
+                route = self.models.routes.get(model)
+                if route is None or not mrec.active_version:
+                    raise BadRequest(f"model {model} serves no version to pin")
+                if route.split:
+                    raise BadRequest(
+                        f"model {model} serves a traffic split; a split names its versions already "
+                        "(set pinned on the deployment that declares it, or pin after the split is resolved)"
+                    )
+                own = self.desired.by_source(source).get(model)
+                wish = own or ModelDeployment(model=model, ref=f"store:{model}:{route.primary.version}")
+                wish = dataclasses.replace(wish, pinned=True)
+                await asyncio.to_thread(self.desired.put, source, wish)
+                await asyncio.to_thread(self.desired.hold, source, wish, route.primary.version)
+            else:
+                governing = self.desired.effective().get(model)
+                if governing is not None and governing[1].pinned:
+                    lifted = dataclasses.replace(governing[1], pinned=False)
+                    await asyncio.to_thread(self.desired.put, governing[0], lifted)
+            self._sync_pin_flag(model)
         self.events.publish(
             "model.pinned" if pinned else "model.unpinned", model=model, version=mrec.active_version, source=source
         )
         return {"model": model, "version": mrec.active_version, "pinned": pinned}
+
+    def _pin_of(self, model: str) -> tuple[str, str] | None:
+        """(source, version) when the governing deployment of ``model`` is pinned and holds a version."""
+        entry = self.desired.effective().get(model)
+        if entry is None or not entry[1].pinned:
+            return None
+        held = self.desired.held(entry[0], model)
+        return (entry[0], held) if held else None
+
+    def _sync_pin_flag(self, model: str) -> None:
+        """``models.pinned`` mirrors the governing deployment's pin, for status and the cache's GC."""
+        entry = self.desired.effective().get(model)
+        pinned = entry is not None and entry[1].pinned
+        mrec = self.db.get_model(model)
+        if mrec is not None and mrec.pinned != pinned:
+            self.db.set_pinned(model, pinned)
+
+    async def _adopt_legacy_pins(self) -> None:
+        """Pins set before they were desired state (``models.pinned`` alone) become the governing source's.
+
+        Runs once, when the database is upgraded (``DesiredState.upgraded_from_flag_pins``):
+        a pinned model keeps its pin as a pin of the source that governs it, ``local``
+        when none does.
+        """
+        if not self.desired.upgraded_from_flag_pins:
+            return
+        self.desired.upgraded_from_flag_pins = False
+        effective = self.desired.effective()
+        for mrec in self.db.models():
+            if not mrec.pinned or not mrec.active_version:
+                continue
+            source, wish = effective.get(mrec.name, ("local", None))
+            if wish is not None and wish.pinned:
+                continue
+            wish = wish or ModelDeployment(model=mrec.name, ref=f"store:{mrec.name}:{mrec.active_version}")
+            wish = dataclasses.replace(wish, pinned=True)
+            await asyncio.to_thread(self.desired.put, source, wish)
+            if not wish.traffic:
+                await asyncio.to_thread(self.desired.hold, source, wish, mrec.active_version)
+            log.info("pin adopted into desired state", model=mrec.name, source=source, version=mrec.active_version)
 
     async def unload(self, model: str, *, source: str = "local") -> dict[str, Any]:
         self._check_precedence(model, source)
@@ -299,9 +476,10 @@ class Lifecycle:
             retained = self._retained.pop(model, None)
             if retained is not None:
                 retained[1].cancel()
-                self._spawn(self._drain_and_release(retained[0], 0.0))
+                self._let_go(retained[0])
             for lm in route.versions() if route else []:
-                self._spawn(self._drain_and_release(lm, 0.0))
+                self._let_go(lm)  # the route's holds
+            self._sync_pin_flag(model)
         self.events.publish("model.unloaded", model=model, source=source)
         return {"model": model, "unloaded": True}
 
@@ -310,31 +488,50 @@ class Lifecycle:
         return await self.reconcile()
 
     async def reconcile(self) -> dict[str, Any]:
-        """Bring each model to what its governing source wants; failures leave the old serving."""
+        """Bring each model to what its governing source wants; failures leave the old serving.
+
+        A pinned deployment of one version is brought about once; the version it
+        reached is then held (``DesiredState.hold``) until that source changes its
+        deployment. A split names its versions exactly, so there is nothing to hold.
+        """
         results: dict[str, Any] = {}
-        for model, (source, want) in self.desired.effective().items():
-            mrec = self.db.get_model(model)
+        effective = self.desired.effective()
+        for mrec in self.db.models():
+            if mrec.name not in effective and mrec.pinned:
+                self.db.set_pinned(mrec.name, False)  # withdrawn by every source: nothing holds it
+        for model, (source, want) in effective.items():
+            self._sync_pin_flag(model)
+
+            def still_wanted(model: str = model, source: str = source, want: ModelDeployment = want) -> bool:
+                return self.desired.effective().get(model) == (source, want)
+
             try:
+                held = self.desired.held(source, model) if want.pinned and not want.traffic else None
+                if held is not None:
+                    route = self.models.routes.get(model)
+                    if route is None or route.split or route.primary.version != held:
+                        record = self.repository.resolve(model, held)
+                        results[model] = await self.swap(record, source, still_wanted=still_wanted)
+                    else:
+                        results[model] = {"skipped": f"pinned at {held}"}
+                    continue
                 if want.traffic:
-                    if mrec is not None and mrec.pinned and mrec.active_version:
-                        results[model] = {"skipped": f"pinned at {mrec.active_version}"}
-                        continue
                     if not want.ref.startswith("store:"):
                         # The split may name the version this image holds: it must be in the store first.
                         await self._record_for(want.ref, model)
-                    targets = [(self.repository.resolve(model, v), w) for v, w in want.traffic.items()]
+                    targets = [(self.repository.resolve(model, v), w) for v, w in want.traffic.items() if w > 0]
                     route = self.models.routes.get(model)
                     have = {m.version for m in route.versions()} if route else set()
-                    if have != {v for v, w in want.traffic.items() if w > 0} or len(have) < 2:
-                        results[model] = await self.route_versions(model, targets, source)
+                    if have != {r.version for r, _ in targets} or len(have) < 2:
+                        results[model] = await self.route_versions(model, targets, source, still_wanted=still_wanted)
                     continue
                 record = await self._record_for(want.ref, model)
-                if mrec is not None and mrec.pinned and mrec.active_version and mrec.active_version != record.version:
-                    results[model] = {"skipped": f"pinned at {mrec.active_version}"}
-                    continue
                 route = self.models.routes.get(model)
                 if route is None or route.split or route.primary.version != record.version:
-                    results[model] = await self.swap(record, source)
+                    results[model] = await self.swap(record, source, still_wanted=still_wanted)
+                if want.pinned and still_wanted():
+                    # Compare-and-set on the deployment: a newer wish from the source is never held at this one.
+                    await asyncio.to_thread(self.desired.hold, source, want, record.version)
             except AgentError as exc:
                 results[model] = {"error": str(exc)}
         return results
@@ -347,9 +544,13 @@ class Lifecycle:
             )
 
     def _check_pin(self, model: str, source: str, version: str) -> None:
-        mrec = self.db.get_model(model)
-        if mrec is not None and mrec.pinned and mrec.active_version not in (None, version):
-            raise BadRequest(f"model {model} is pinned at version {mrec.active_version}; unpin it first")
+        """A source's own pin holds against its own changes; a higher source's change overrides it."""
+        pin = self._pin_of(model)
+        if pin is None:
+            return
+        pinned_by, held = pin
+        if pinned_by == source and held != version:
+            raise BadRequest(f"model {model} is pinned at version {held}; unpin it first")
 
     async def status(self) -> dict[str, Any]:
         status = self.agent.status()
@@ -369,15 +570,15 @@ class Lifecycle:
         return await asyncio.to_thread(cache.verify)
 
     async def set_config(self, changes: dict[str, Any]) -> dict[str, Any]:
-        allowed = {"rollback_grace_s": float, "drain_timeout_s": float}
-        applied = {}
+        allowed = ("rollback_grace_s", "drain_timeout_s")
+        applied: dict[str, float] = {}
+        # Every key is checked before any is applied; a refusal is InvalidValue (wire code invalid_value).
         for key, value in changes.items():
             if key not in allowed:
-                raise BadRequest(f"setting {key!r} cannot change at run time (allowed: {', '.join(allowed)})")
-            try:
-                applied[key] = allowed[key](value)
-            except (TypeError, ValueError) as exc:
-                raise BadRequest(f"setting {key}: {value!r} is not a number") from exc
+                raise InvalidValue(f"setting {key!r} cannot change at run time (allowed: {', '.join(allowed)})")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise InvalidValue(f"setting {key}: {value!r} is not a number of seconds (finite, at least 0)")
+            applied[key] = float(value)
         for key, value in applied.items():
             setattr(self, key, value)
         return {"applied": applied}
@@ -386,72 +587,6 @@ class Lifecycle:
         for task in list(self._background):
             task.cancel()
         self._retained.clear()
-
-    # -- local repository API (Triton's model repository extension) ---------------
-    def http_route(self, request: Request, parts: list[str]) -> Any:
-        if not parts or parts[0] != "repository":
-            return None
-        if request.method != "POST":
-            return Response.error(405, "repository endpoints take POST")
-        token = self.agent.config.api_token
-        if token and request.header("authorization") != f"Bearer {token}":
-            return Response.error(401, "this endpoint needs the agent's API token (Authorization: Bearer ...)")
-        if parts == ["repository", "index"]:
-            return Response.json(200, self.index())
-        if parts == ["repository", "deploy"]:
-            return self._repository_action(request, None, "deploy")
-        if len(parts) == 4 and parts[1] == "models" and parts[3] in ACTIONS:
-            return self._repository_action(request, parts[2], parts[3])
-        return None
-
-    def index(self) -> list[dict[str, Any]]:
-        rows = []
-        for mrec in self.db.models():
-            route = self.models.routes.get(mrec.name)
-            serving = {m.version for m in route.versions()} if route else set()
-            for rec in self.db.versions(mrec.name):
-                if rec.version in serving:
-                    state, reason = "READY", ""
-                elif rec.status in ("broken", "failed"):
-                    state, reason = "UNAVAILABLE", rec.error or rec.status
-                else:
-                    state, reason = "UNAVAILABLE", "not loaded"
-                rows.append({"name": mrec.name, "version": rec.version, "state": state, "reason": reason})
-            if mrec.name in self.models.broken and not serving:
-                for row in rows:
-                    if row["name"] == mrec.name and row["version"] == mrec.active_version:
-                        row["reason"] = self.models.broken[mrec.name]
-        return rows
-
-    async def _repository_action(self, request: Request, model: str | None, action: str) -> Response:
-        try:
-            body = orjson.loads(request.body) if request.body else {}
-        except orjson.JSONDecodeError:
-            return Response.error(400, "request body is not valid JSON")
-        params = body.get("parameters", {}) if isinstance(body, dict) else None
-        if not isinstance(params, dict):
-            return Response.error(400, "'parameters' must be an object")
-        try:
-            if action == "unload":
-                result = await self.unload(model, source="local")
-            elif action == "rollback":
-                result = await self.rollback(model, source="local")
-            elif action in ("pin", "unpin"):
-                result = await self.pin(model, action == "pin", source="local")
-            else:
-                ref = params.get("ref")
-                if ref is None and model is None:
-                    return Response.error(400, "deploy needs parameters.ref")
-                if ref is None:
-                    ref = f"store:{model}" + (f":{params['version']}" if params.get("version") else "")
-                result = await self.deploy(str(ref), source="local", model=model)
-        except AgentError as exc:
-            return Response.error(exc.http_status, str(exc))
-        return Response.json(200, result)
-
-
-# Triton's repository extension has load and unload; the rest are this agent's own.
-ACTIONS = ("load", "unload", "rollback", "pin", "unpin")
 
 
 class LifecycleService:

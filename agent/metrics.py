@@ -2,19 +2,53 @@
 
 No default (process-global) registry: the fleet simulator runs hundreds of
 agents in one process and each must count only its own requests. The local
-API exposes the registry on ``/metrics``; MQTT telemetry snapshots it.
+API exposes the registry on ``/metrics``; MQTT telemetry snapshots it. Every
+series is listed in docs/METRICS.md.
+
+Process metrics (CPU seconds, resident memory, open file descriptors, start
+time) come from prometheus-client's ``ProcessCollector``, registered on this
+registry too: they read ``/proc/self`` when scraped, so several agents in one
+process each report that same process.
+
+No ``*_created`` series: prometheus-client adds one per counter and histogram
+child unless ``disable_created_metrics()`` is called, and that switch is a
+module global, read at every collect, for every registry of the process (other
+agents, the host program's own). So the agent filters them out of its own
+exposition instead (:class:`WithoutCreated`) and leaves the library's
+switch alone.
 """
 
 from __future__ import annotations
 
-import os
-import resource
+import importlib.metadata
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
+from prometheus_client.metrics_core import Metric
+
+from agent import __version__
+from agent.events import Event
 
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+# Which image pull outcome each event of agent/images/pull.py means (one event per pull or import).
+PULL_RESULTS = {
+    "image.pulled": "pulled",
+    "image.imported": "imported",
+    "image.offline": "offline",
+    "image.refused": "refused",
+    "pull.failed": "failed",
+}
+# The drop-in folder's outcomes (agent/inbox.py): imported and deployed, or moved to inbox/refused/.
+DROP_RESULTS = {"inbox.imported": "deployed", "inbox.refused": "refused"}
+# The fleet telemetry snapshot keeps the node keys it always had (docs/MQTT.md: cpu_seconds, rss_bytes).
+TELEMETRY_NAMES = {
+    "process_cpu_seconds": "edge_agent_cpu_seconds",
+    "process_resident_memory_bytes": "edge_agent_rss_bytes",
+}
+CREATED_TYPES = ("counter", "histogram", "summary", "gaugehistogram")
 
 
 class Metrics:
@@ -46,39 +80,87 @@ class Metrics:
         self.loaded_versions = Gauge(
             "edge_agent_loaded_versions", "Model versions loaded and warm", registry=self.registry
         )
-        self.rss_bytes = Gauge("edge_agent_rss_bytes", "Resident set size of the agent", registry=self.registry)
-        self.cpu_seconds = Gauge("edge_agent_cpu_seconds", "CPU time used by the process", registry=self.registry)
+        self.image_pulls = Counter(
+            "edge_agent_image_pulls",
+            "Image pulls and layout imports, by result",
+            ("result",),
+            registry=self.registry,
+        )
+        self.image_fetched_bytes = Counter(
+            "edge_agent_image_fetched_bytes",
+            "Blob bytes written into the store by pulls and imports (blobs already held count nothing)",
+            registry=self.registry,
+        )
+        self.inbox_drops = Counter(
+            "edge_agent_inbox_drops", "Drop-in folder entries processed, by result", ("result",), registry=self.registry
+        )
+        # Every result from the start, at 0: a rate over a series that appears late misses its first increase.
+        for result in PULL_RESULTS.values():
+            self.image_pulls.labels(result)
+        for result in DROP_RESULTS.values():
+            self.inbox_drops.labels(result)
+        self.build = Info("edge_agent_build", "The agent's build", registry=self.registry)
+        self.build.info({"version": __version__, "wasmtime": _wasmtime_version()})
+        ProcessCollector(registry=self.registry)
         self.started = time.time()
 
     def model_children(self, model: str, version: str) -> tuple[Any, Any]:
         """(requests counter, latency histogram) bound to one version, for the hot path."""
         return self.requests.labels(model, version), self.latency.labels(model, version)
 
-    def refresh_process(self) -> None:
-        self.rss_bytes.set(current_rss_bytes())
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        self.cpu_seconds.set(usage.ru_utime + usage.ru_stime)
+    def observe_event(self, event: Event) -> None:
+        """An :class:`agent.events.EventBus` listener: counts pulls and drop-in entries as they finish."""
+        if (result := PULL_RESULTS.get(event.kind)) is not None:
+            self.image_pulls.labels(result).inc()
+            fetched = event.fields.get("fetched_bytes")
+            if isinstance(fetched, int) and fetched > 0:
+                self.image_fetched_bytes.inc(fetched)
+        elif (result := DROP_RESULTS.get(event.kind)) is not None:
+            self.inbox_drops.labels(result).inc()
 
     def exposition(self) -> bytes:
-        self.refresh_process()
-        return generate_latest(self.registry)
+        return generate_latest(WithoutCreated(self.registry))
 
     def snapshot(self) -> dict[str, Any]:
-        """Every sample as plain data, for telemetry messages."""
-        self.refresh_process()
+        """Every sample as plain data, for telemetry messages (process CPU and RSS under their telemetry names)."""
         out: dict[str, Any] = {}
-        for family in self.registry.collect():
-            samples = []
-            for sample in family.samples:
-                samples.append({"name": sample.name, "labels": dict(sample.labels), "value": sample.value})
-            out[family.name] = samples
+        for family in WithoutCreated(self.registry).collect():
+            name = family.name
+            if name.startswith("process_") or name == "edge_agent_build":
+                if name not in TELEMETRY_NAMES:
+                    continue  # the rest of the process collector, and build info, are for Prometheus
+                name = TELEMETRY_NAMES[name]
+            out[name] = [
+                {
+                    "name": name + sample.name.removeprefix(family.name),
+                    "labels": dict(sample.labels),
+                    "value": sample.value,
+                }
+                for sample in family.samples
+            ]
         return out
 
 
-def current_rss_bytes() -> int:
-    """Current (not peak) RSS, from /proc; falls back to the peak elsewhere."""
+class WithoutCreated:
+    """A view of a registry whose families have no ``*_created`` samples (see the module docstring)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if family.type not in CREATED_TYPES:
+                yield family
+                continue
+            created = family.name + "_created"
+            # A copy: the family may be a collector's own object, kept between scrapes.
+            copy = Metric(family.name, family.documentation, family.type, family.unit)
+            copy.samples = [s for s in family.samples if s.name != created]
+            yield copy
+
+
+def _wasmtime_version() -> str:
     try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return importlib.metadata.version("wasmtime")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - vendored copies
+        return "unknown"

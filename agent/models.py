@@ -5,6 +5,13 @@ per request and sticks with the version it picked, so a request is served
 wholly by one version. Switching a model is one dict assignment of a new
 Route (atomic under the GIL); the replaced version keeps its pool until its
 in-flight requests have drained.
+
+A loaded version is closed only when its last holder lets go. Holders are the
+model's route, the lifecycle's rollback retention and a swap that has picked
+the version but not yet switched to it; each takes a hold (:meth:`load` or
+:meth:`hold`) and gives it back with :meth:`drop`; the last drop detaches the
+version and its owner closes it once drained. A background release can
+therefore never close a version that a concurrent swap is about to serve.
 """
 
 from __future__ import annotations
@@ -67,6 +74,9 @@ class ModelManager:
         self.routes: dict[str, Route] = {}
         self.loaded: dict[tuple[str, str], LoadedModel] = {}
         self.broken: dict[str, str] = {}  # model -> why it cannot be served
+        # id(LoadedModel) -> holders; an entry lives exactly as long as its version is open.
+        self._holds: dict[int, int] = {}
+        self._open: dict[int, LoadedModel] = {}  # every open version, the replaced ones too
         self._on_replace = on_replace
         self._rng = random.Random()
         self._lock = threading.Lock()
@@ -88,6 +98,10 @@ class ModelManager:
             raise NotFound(f"unknown model {name!r}")
         return route.pick(self._rng)
 
+    def loaded_versions(self, name: str) -> list[str]:
+        """Versions of ``name`` that are open and answer requests: routed, or kept warm for rollback."""
+        return sorted(version for model, version in list(self.loaded) if model == name)
+
     def names(self) -> list[str]:
         return sorted(set(self.routes) | set(self.broken))
 
@@ -97,11 +111,17 @@ class ModelManager:
 
     # -- lifecycle ---------------------------------------------------------------------
     def load(self, record: VersionRecord) -> LoadedModel:
-        """Load (or return the already loaded) version; blocking, run it off the loop."""
+        """Load (or take the already loaded) version, with one hold for the caller.
+
+        Blocking: run it off the event loop. The caller passes its hold on to a
+        route or gives it back with :meth:`drop`.
+        """
         key = (record.model, record.version)
-        existing = self.loaded.get(key)
-        if existing is not None and existing.record.digests == record.digests:
-            return existing
+        with self._lock:
+            existing = self.loaded.get(key)
+            if existing is not None and existing.record.digests == record.digests:
+                self._holds[id(existing)] += 1
+                return existing
         loaded = load_version(
             self.runtime,
             self.blobs,
@@ -110,11 +130,39 @@ class ModelManager:
             on_replace=(lambda why: self._on_replace(record.model, record.version, why)) if self._on_replace else None,
         )
         with self._lock:
-            old = self.loaded.get(key)
+            # A version replaced here (same name, other content) stays open for its
+            # holders and closes when the last one drops it.
             self.loaded[key] = loaded
-        if old is not None and not self._routed(old):
-            old.close()
+            self._holds[id(loaded)] = 1
+            self._open[id(loaded)] = loaded
         return loaded
+
+    def hold(self, loaded: LoadedModel) -> None:
+        """One more holder for an open version (a swap reusing a warm one)."""
+        with self._lock:
+            if id(loaded) not in self._holds:
+                raise Unavailable(f"{loaded.name}:{loaded.version} is unloaded")
+            self._holds[id(loaded)] += 1
+
+    def holders(self, loaded: LoadedModel) -> int:
+        return self._holds.get(id(loaded), 0)
+
+    def drop(self, loaded: LoadedModel) -> bool:
+        """Give back one hold. True when it was the last: the version is then detached
+        (no longer found by name or version) and the caller must close it, after
+        letting its in-flight requests finish."""
+        with self._lock:
+            left = self._holds.get(id(loaded), 0) - 1
+            if left > 0:
+                self._holds[id(loaded)] = left
+                return False
+            if left < 0:
+                return False  # detached already: a second drop is a no-op, never a double close
+            del self._holds[id(loaded)]
+            del self._open[id(loaded)]
+            if self.loaded.get((loaded.name, loaded.version)) is loaded:
+                del self.loaded[(loaded.name, loaded.version)]
+        return True
 
     def route(self, name: str, route: Route) -> Route | None:
         """Atomically send ``name``'s traffic to ``route``; returns the route it replaced."""
@@ -133,23 +181,12 @@ class ModelManager:
             if name not in self.routes:
                 self.broken[name] = reason
 
-    def release(self, loaded: LoadedModel) -> None:
-        """Drop a version no route uses any more (call once its in-flight requests drained)."""
-        with self._lock:
-            if self._routed(loaded):
-                return
-            if self.loaded.get((loaded.name, loaded.version)) is loaded:
-                del self.loaded[(loaded.name, loaded.version)]
-        loaded.close()
-
-    def _routed(self, loaded: LoadedModel) -> bool:
-        route = self.routes.get(loaded.name)
-        return route is not None and any(m is loaded for m in route.versions())
-
     def close(self) -> None:
         with self._lock:
-            loaded = list(self.loaded.values())
+            loaded = list(self._open.values())
             self.loaded.clear()
+            self._holds.clear()
+            self._open.clear()
             self.routes.clear()
         for model in loaded:
             model.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from agent.cas import BlobStore, sha256_digest
 from agent.errors import InvalidModel, NotFound
+from agent.runtime.footprint import check_module_shape
 from agent.runtime.loaded import parse_weights
 from agent.spec import ModelSpec
 from agent.state import StateDB, VersionRecord
@@ -56,6 +57,7 @@ class ModelRepository:
         spec = ModelSpec.from_bytes(artefacts.config)
         if artefacts.module[:4] != b"\0asm":
             raise InvalidModel(f"{spec.name}:{spec.version}: module is not a WebAssembly binary")
+        check_module_shape(artefacts.module, f"{spec.name}:{spec.version}")
         parse_weights(spec, artefacts.weights)
         return spec
 

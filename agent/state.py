@@ -19,6 +19,8 @@ from typing import Any
 
 import sqlite_utils
 
+from agent.fsmodes import create_private_file, private_dirs
+
 SCHEMA_VERSION = 1
 
 
@@ -60,7 +62,9 @@ class StateDB:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.path.parent)
+        # 0600 before SQLite opens it: SQLite gives the -wal and -shm files the database's mode.
+        create_private_file(self.path)
         conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30.0)
         self.db = sqlite_utils.Database(conn)
         self.lock = threading.RLock()

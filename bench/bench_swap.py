@@ -67,8 +67,9 @@ def make_version_two(dest: Path) -> Path:
     return dest
 
 
-def post(url: str, doc: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(doc).encode(), headers={"Content-Type": "application/json"})
+def post(url: str, doc: dict, token: str) -> dict:
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    req = urllib.request.Request(url, data=json.dumps(doc).encode(), headers=headers)
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
@@ -111,6 +112,7 @@ def main() -> None:
             stderr=subprocess.DEVNULL,
         )
         wait_ready(f"{base}/v2/health/ready", proc)
+        token = (state / "api-token").read_text().strip()  # the control API's token, made by the agent
         infer_url = f"{base}/v2/models/digits/infer"
         body = request_body()
         wrk(infer_url, body, 2)  # warm the server and the page cache; not measured
@@ -130,7 +132,8 @@ def main() -> None:
                 started = time.perf_counter()
                 version = "2" if i % 2 == 0 else "1"
                 try:
-                    result = post(f"{base}/v2/repository/models/digits/load", {"parameters": {"version": version}})
+                    load = f"{base}/v2/repository/models/digits/load"
+                    result = post(load, {"parameters": {"version": version}}, token)
                     switch_ms.append(float(result["switch_ms"]))
                 except OSError as exc:
                     swap_errors.append(f"swap {i} to {version}: {exc}")

@@ -46,9 +46,12 @@ def http(
     body: Any = None,
     raw: bytes | None = None,
     headers: dict[str, str] | None = None,
-    timeout: float = 10.0,
+    timeout: float = 60.0,
 ) -> tuple[int, Any]:
-    """A tiny HTTP client returning (status, parsed JSON or bytes), never raising on 4xx/5xx."""
+    """A tiny HTTP client returning (status, parsed JSON or bytes), never raising on 4xx/5xx.
+
+    The default timeout is a hang guard for a loaded machine, not a speed check.
+    """
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(url, method=method, data=data, headers=headers or {})
     try:
@@ -60,6 +63,12 @@ def http(
         return status, json.loads(payload) if payload else None
     except ValueError:
         return status, payload
+
+
+def control_headers(state_dir: Path) -> dict[str, str]:
+    """What a local client sends to the control API: JSON, with the token the agent keeps in its state directory."""
+    token = (Path(state_dir) / "api-token").read_text().strip()
+    return {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
 
 
 class AgentThread:
@@ -84,6 +93,8 @@ class AgentThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
+        if not self._thread.is_alive():
+            return  # stopped already (a test stopped it before the fixture's teardown)
         with contextlib.suppress(Exception):
             self.call(self.agent.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -139,7 +150,7 @@ class AgentProcess:
             cwd=REPO,
         )
 
-    def wait_ready(self, timeout: float = 30.0) -> float:
+    def wait_ready(self, timeout: float = 60.0) -> float:
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             if self.proc.poll() is not None:
@@ -154,7 +165,7 @@ class AgentProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def terminate(self, timeout: float = 20.0) -> int:
+    def terminate(self, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:

@@ -325,6 +325,8 @@ class FaultProxy:
         self._sock.bind(("127.0.0.1", self.port))
         self._sock.listen(16)
         self._stop = threading.Event()
+        self._release = threading.Event()  # ends a stall (so does close())
+        self.holding = 0  # stalled connections the proxy is holding open, silent, right now
         self._threads: list[threading.Thread] = []
         self._open: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -333,7 +335,11 @@ class FaultProxy:
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def settle(self, timeout: float = 5.0) -> None:
+    def release(self) -> None:
+        """End the stall: the held connection is closed (the client sees it end, if it is still waiting)."""
+        self._release.set()
+
+    def settle(self, timeout: float = 60.0) -> None:
         """Wait until no connection is being pumped (after a client was killed, say), so counts are final."""
         deadline = time.monotonic() + timeout
         while self._pumps and time.monotonic() < deadline:
@@ -356,6 +362,7 @@ class FaultProxy:
 
     def close(self) -> None:
         self._stop.set()
+        self._release.set()
         # shutdown() wakes the thread blocked in accept(); close() alone leaves it listening.
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
@@ -439,7 +446,13 @@ class FaultProxy:
                 sent_here += len(chunk)
                 if limit is not None:
                     if limit[0] == "stall":
-                        self._stop.wait(60)  # hold the connection open, silent
+                        # Hold the connection open, silent, until released: for as long as a client
+                        # without a stall timeout would wait (120 s is only there so a thread ends).
+                        with self._lock:
+                            self.holding += 1
+                        self._release.wait(120)
+                        with self._lock:
+                            self.holding -= 1
                     break
                 if self.rate_bps:
                     ahead = sent_here / self.rate_bps - (time.monotonic() - t0)
@@ -532,8 +545,9 @@ class ImageEnv:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.state_dir = self.root / "state"
-        # Fast retries: tests inject faults and should not sit through production backoff.
-        reg = {"backoff_initial_s": 0.02, "backoff_max_s": 0.2, "attempts": 4, "stall_timeout_s": 5.0}
+        # Fast retries: tests inject faults and should not sit through production backoff. The stall timeout
+        # stays generous: a loaded machine must not pass for a stalled registry (tests of stalls set their own).
+        reg = {"backoff_initial_s": 0.02, "backoff_max_s": 0.2, "attempts": 4, "stall_timeout_s": 30.0}
         reg.update(registry or {})
         lines = ["[agent]", f"state_dir = {_toml_value(self.state_dir)}", 'log_level = "warning"', "", "[registry]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in reg.items()]

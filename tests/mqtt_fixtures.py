@@ -61,6 +61,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Waits in these tests are hang guards, not speed checks: generous enough for a loaded 2-core CI machine.
+HANG_S = 60.0
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -207,7 +211,7 @@ class Broker:
         self.config_path = workdir / "mosquitto.conf"
         self.config_path.write_text("\n".join(lines) + "\n")
 
-    def start(self, timeout: float = 10.0) -> Broker:
+    def start(self, timeout: float = HANG_S) -> Broker:
         assert self.proc is None or self.proc.poll() is not None, "broker already running"
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the process, closed with it
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.config_path)], stdout=log, stderr=log)
@@ -362,21 +366,26 @@ class Recorder:
         self.client = _client(client_id or f"recorder-{uuid.uuid4().hex[:8]}", broker, username, password)
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
-        self.connected = threading.Event()
+        self.client.on_subscribe = self._on_subscribe
+        self.connected = threading.Event()  # set once the broker has acknowledged the subscriptions
+        self._subscribe_mid: int | None = None
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         self.client.connect("127.0.0.1", broker.port, keepalive=5, clean_start=True, properties=props)
         self.client.loop_start()
-        wait_until(self.connected.is_set, 10, "the recorder to subscribe")
+        wait_until(self.connected.is_set, HANG_S, "the recorder to subscribe")
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
         if reason.is_failure:
             return
         # Later connects resume the session: subscribing again is harmless and covers a broker without persistence.
-        client.subscribe([(t, 1) for t in self.topics])
-        # The subscription must be in place before the test goes on.
-        time.sleep(0.05)
-        self.connected.set()
+        # The SUBACK (``_on_subscribe``, on this same network thread, so it cannot come before the mid is kept)
+        # says the subscription is in place; only then may the test go on.
+        _, self._subscribe_mid = client.subscribe([(t, 1) for t in self.topics])
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any = None) -> None:
+        if mid == self._subscribe_mid:
+            self.connected.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
@@ -472,8 +481,9 @@ class Commander:
         self.client.connect("127.0.0.1", broker.port, keepalive=10)
         self.client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client.loop_start()
-        self.client.subscribe(self.reply_topic, qos=1)
-        wait_until(subscribed.is_set, 10, "the commander's subscription")
+        # Refusals never go to a response topic, only to the refusing node's own replies topic (docs/MQTT.md).
+        self.client.subscribe([(self.reply_topic, 1), (f"{prefix}/nodes/+/replies", 1)])
+        wait_until(subscribed.is_set, HANG_S, "the commander's subscription")
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         corr = getattr(msg.properties, "CorrelationData", None) or b""
@@ -489,10 +499,10 @@ class Commander:
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.reply_topic
         props.CorrelationData = corr
-        self.client.publish(topic, payload, qos=1, properties=props).wait_for_publish(10)
+        self.client.publish(topic, payload, qos=1, properties=props).wait_for_publish(HANG_S)
         return corr
 
-    def wait_reply(self, corr: bytes, timeout: float = 15.0, count: int = 1) -> Any:
+    def wait_reply(self, corr: bytes, timeout: float = HANG_S, count: int = 1) -> Any:
         deadline = time.monotonic() + timeout
         with self.cond:
             while len(self.replies.get(corr, [])) < count:
@@ -508,7 +518,7 @@ class Commander:
     def send(self, node: str, body: dict[str, Any] | str, key: ec.EllipticCurvePrivateKey | None = None) -> bytes:
         return self.send_raw(self.node_topic(node), sign_command(key or self.key, body))
 
-    def call(self, node: str, name: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+    def call(self, node: str, name: str, args: dict[str, Any] | None = None, timeout: float = HANG_S) -> Any:
         corr = self.send(node, self.command(node, name, args))
         return self.wait_reply(corr, timeout)
 

@@ -104,11 +104,15 @@ def test_stalled_server_times_out_and_resumes(
     key: KeyPair,
 ) -> None:
     repo_tag, weights_size = published(tmp_path, registry, key, "stall")
-    env = env_for(tmp_path / "node", proxy, key, stall_timeout_s=0.5)
+    # Long enough that a loaded machine's pauses are not taken for a stall (one stall, one resume).
+    env = env_for(tmp_path / "node", proxy, key, stall_timeout_s=3.0)
     proxy.stall_at = weights_size // 3
-    t0 = time.monotonic()
     result = env.puller().pull(f"{proxy.host}/{repo_tag}")
-    assert time.monotonic() - t0 < 10
+    # The client gave up on the silent connection itself (its stall timeout), not because the server let go:
+    # the proxy is still holding the stalled connection open. Without the timeout the pull would still be
+    # waiting on it, however fast or slow the machine.
+    assert proxy.holding == 1
+    proxy.release()
     weights = result.blobs[2]
     assert weights.attempts == 2 and weights.fetched == weights_size
 
@@ -144,13 +148,14 @@ def test_kill_9_mid_pull_then_rerun_completes(
 ) -> None:
     size = 16 * 1024 * 1024
     repo_tag, weights_size = published(tmp_path, registry, key, "killed", size=size)
-    env = env_for(tmp_path / "node", proxy, key)
-    proxy.rate_bps = 4 * 1024 * 1024  # slow enough for the kill to land mid-blob
+    # The transfer stops half-way (a stall the client waits out for 600 s): the kill lands mid-blob on any machine.
+    env = env_for(tmp_path / "node", proxy, key, stall_timeout_s=600)
+    proxy.stall_at = weights_size // 2
     cmd = [sys.executable, "-m", "agent", "pull", f"{proxy.host}/{repo_tag}", "--config", str(env.config_path)]
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tmp_dir = env.state_dir / "tmp"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60  # a hang guard
     partial_size = 0
     while time.monotonic() < deadline:
         partials = list(tmp_dir.glob("partial-*")) if tmp_dir.exists() else []
@@ -165,7 +170,7 @@ def test_kill_9_mid_pull_then_rerun_completes(
     assert partial_size > 0, "the kill did not land mid-blob"
     assert env.versions() == [], "nothing is recorded by a pull that did not finish"
 
-    proxy.rate_bps = None
+    proxy.release()
     proxy.settle()  # the dead client's connection may still be draining through the proxy
     down_before = proxy.down_bytes
     rerun = env.cli("pull", f"{proxy.host}/{repo_tag}", "--json")

@@ -277,7 +277,7 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, keys: dict[str, KeyPair]) ->
         slave = -1
         out = b""
         while True:
-            ready, _, _ = select.select([master], [], [], 30)
+            ready, _, _ = select.select([master], [], [], 60)  # a hang guard
             if not ready:
                 break
             try:
@@ -287,7 +287,7 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, keys: dict[str, KeyPair]) ->
             if not chunk:
                 break
             out += chunk
-        assert proc.wait(30) == 0
+        assert proc.wait(60) == 0
     finally:
         os.close(master)
         if slave >= 0:

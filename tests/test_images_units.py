@@ -161,16 +161,37 @@ def test_challenge_parsing() -> None:
     assert basic.scheme == "basic"
 
 
+class _EdgeRng:
+    """Jitter pinned to one end of its range, so the bounds themselves are visible."""
+
+    def __init__(self, end: str):
+        self.end = end
+
+    def uniform(self, low: float, high: float) -> float:
+        return high if self.end == "high" else low
+
+
 def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
-    slept: list[float] = []
+    # The delay bound doubles from initial_s up to max_s, attempt after attempt ...
+    for end, expected in (("high", [1.0, 2.0, 4.0, 4.0, 4.0]), ("low", [0.5, 1.0, 2.0, 2.0, 2.0])):
+        slept: list[float] = []
+        backoff = Backoff(attempts=6, initial_s=1.0, max_s=4.0, sleep=slept.append, rng=_EdgeRng(end))  # type: ignore[arg-type]
+        for _ in range(5):
+            backoff.wait()
+        assert slept == expected, (end, slept)
+    # ... with real jitter each delay lies in [bound/2, bound], and retries end after `attempts`.
+    slept = []
     backoff = Backoff(attempts=5, initial_s=1.0, max_s=4.0, sleep=slept.append)
     for _ in range(4):
+        assert not backoff.exhausted
         backoff.wait()
     assert backoff.exhausted
     for n, delay in enumerate(slept):
         cap = min(4.0, 2**n)
         assert cap / 2 <= delay <= cap
+    # Retry-After is honoured, but never beyond the ceiling.
     assert Backoff(3, 0.1, 10.0).next_delay(retry_after=5) >= 5
+    assert Backoff(3, 0.1, 10.0).next_delay(retry_after=3600) <= 10.0
 
 
 # -- manifests and layouts ------------------------------------------------------------------------

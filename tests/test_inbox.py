@@ -21,7 +21,8 @@ from tests.conftest import http
 DIGITS = Path(__file__).resolve().parent.parent / "agent" / "bundled" / "digits"
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+    """Poll until ``predicate()`` is truthy; the timeout is a hang guard for a loaded machine, not a speed check."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -71,8 +72,14 @@ def test_hidden_entries_wait_until_renamed(make_agent: Any) -> None:
     hidden = inbox / ".incoming"
     hidden.mkdir()
     (hidden / "partial").write_text("x")
-    time.sleep(1.0)
-    assert hidden.exists() and not any((inbox / "refused").iterdir())
+    # A visible entry dropped after the hidden one: once it has been taken (refused: it is junk), the
+    # watcher has scanned the folder with the hidden entry in it, settled for longer than the sentinel.
+    (inbox / "sentinel.txt").write_text("not a layout")
+    wait_for(lambda: refused(inbox, "sentinel.txt"), what="the sentinel processed")
+    assert hidden.exists() and sorted(p.name for p in (inbox / "refused").iterdir()) == [
+        "sentinel.txt",
+        "sentinel.txt.reason",
+    ]
     os.rename(hidden, inbox / "arrived")
     wait_for(lambda: refused(inbox, "arrived"), what="renamed entry processed")
 

@@ -4,6 +4,9 @@ Each test starts its own broker (anonymous, password file, TLS with client
 certificates, or ACLs) and an in-process agent with the channel attached;
 the fleet side is a paho client (``Commander``, ``Recorder``) or the
 ``mosquitto_pub`` / ``mosquitto_sub`` command-line clients.
+
+Every wait is for a condition under a generous hang guard (``HANG_S``): no
+test depends on how fast the machine is.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from conftest import http
 from cryptography.hazmat.primitives.asymmetric import ec
 from modelkit import make_scale_model
 from mqtt_fixtures import (
+    HANG_S,
     MOSQUITTO_PUB,
     MOSQUITTO_SUB,
     Broker,
@@ -86,7 +90,7 @@ def stop_agent(running: Any) -> None:
     running.call(running.agent.stop())
 
 
-def wait_online(recorder: Recorder, node: str = NODE, timeout: float = 15) -> dict[str, Any]:
+def wait_online(recorder: Recorder, node: str = NODE, timeout: float = HANG_S) -> dict[str, Any]:
     """The retained state goes out after the subscriptions are in place: from then on commands are heard."""
 
     def online() -> Any:
@@ -121,11 +125,11 @@ def test_state_status_reply_and_orderly_goodbye(make_agent: Any, broker: Broker,
 
     # A late subscriber gets the node's state from the broker (retained), without asking the node.
     late = Recorder(broker, ["edge/nodes/+/state"])
-    wait_until(lambda: late.on("/state"), 5, "the retained state")
+    wait_until(lambda: late.on("/state"), HANG_S, "the retained state")
     assert late.on("/state")[0].retain and late.on("/state")[0].doc["online"] is True
 
     stop_agent(running)
-    wait_until(lambda: late.on("/state")[-1].doc["online"] is False, 5, "the offline state")
+    wait_until(lambda: late.on("/state")[-1].doc["online"] is False, HANG_S, "the offline state")
     assert late.on("/state")[-1].doc["reason"] == "stopped"
     for c in (recorder, late, commander):
         c.close()
@@ -140,13 +144,31 @@ def test_mosquitto_clients_as_an_independent_peer(make_agent: Any, broker: Broke
     port = str(broker.port)
 
     def sub(topic: str, count: int) -> subprocess.Popen[bytes]:
+        """mosquitto_sub, returned once its subscription is in place.
+
+        With ``-d`` it reports the broker's SUBACK ("Subscribed (mid: 1): 0") on stdout; ``stdbuf -oL``
+        makes it say so at once rather than when its pipe buffer fills. ``-W`` is its hang guard.
+        """
+        argv = [MOSQUITTO_SUB, "-V", "5", "-p", port, "-t", topic, "-C", str(count), "-W", str(int(HANG_S))]
         proc = subprocess.Popen(
-            [MOSQUITTO_SUB, "-V", "5", "-p", port, "-t", topic, "-C", str(count), "-W", "20", "-F", "%t|%D|%p"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            ["stdbuf", "-oL", *argv, "-F", "%t|%D|%p", "-d"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
-        time.sleep(0.3)  # mosquitto_sub has no "subscribed" signal; give it time to subscribe
-        return proc
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(b"Subscribed"):
+                return proc
+        raise AssertionError(f"mosquitto_sub never subscribed: {proc.communicate()[1]!r}")
+
+    def received(proc: subprocess.Popen[bytes]) -> tuple[str, str, str]:
+        """The one message mosquitto_sub printed (``-F %t|%D|%p``), among its debug lines."""
+        assert proc.stdout is not None
+        out = proc.stdout.read()  # to the end: it exits after -C messages, or after -W seconds
+        err = proc.stderr.read() if proc.stderr is not None else b""
+        proc.wait(HANG_S)
+        lines = [ln for ln in out.decode().splitlines() if "|" in ln and not ln.startswith(("Client ", "Subscribed"))]
+        assert len(lines) == 1, (out, err)
+        topic, correlation, body = lines[0].split("|", 2)
+        return topic, correlation, body
 
     reply_sub = sub("ops/replies/#", 1)
     corr = "corr-" + uuid.uuid4().hex[:8]
@@ -155,26 +177,24 @@ def test_mosquitto_clients_as_an_independent_peer(make_agent: Any, broker: Broke
     subprocess.run(
         [*pub_cmd, "-D", "publish", "response-topic", "ops/replies/me", "-D", "publish", "correlation-data", corr],
         check=True,
-        timeout=10,
+        timeout=HANG_S,
     )
-    out, err = reply_sub.communicate(timeout=25)
-    topic, correlation, body = out.decode().strip().split("|", 2)
-    assert topic == "ops/replies/me" and correlation == corr, err
+    topic, correlation, body = received(reply_sub)
+    assert topic == "ops/replies/me" and correlation == corr
     assert json.loads(body)["ok"] is True and json.loads(body)["result"]["node"] == NODE
 
     # No response topic: the reply goes to the node's own replies topic.
     default_sub = sub(f"edge/nodes/{NODE}/replies", 1)
     bad = sign_command(key, new_command("status", target="node:somebody-else"))
-    subprocess.run([*pub_cmd[:-1], bad], check=True, timeout=10)
-    out, _ = default_sub.communicate(timeout=25)
-    doc = json.loads(out.decode().split("|", 2)[2])
+    subprocess.run([*pub_cmd[:-1], bad], check=True, timeout=HANG_S)
+    doc = json.loads(received(default_sub)[2])
     assert doc["ok"] is False and doc["error"]["code"] == "wrong_target" and doc["error"]["field"] == "body.target"
 
     # And the retained state, read by mosquitto_sub alone.
     state = subprocess.run(
-        [MOSQUITTO_SUB, "-V", "5", "-p", port, "-t", f"edge/nodes/{NODE}/state", "-C", "1", "-W", "10"],
+        [MOSQUITTO_SUB, "-V", "5", "-p", port, "-t", f"edge/nodes/{NODE}/state", "-C", "1", "-W", str(int(HANG_S))],
         capture_output=True,
-        timeout=15,
+        timeout=HANG_S + 10,
         check=True,
     )
     assert json.loads(state.stdout)["online"] is True
@@ -252,14 +272,14 @@ def test_every_command_goes_through_the_control_surface(
     def kinds() -> list[str]:
         return [m.doc["kind"] for m in recorder.on("/events")]
 
-    wait_until(lambda: "model.unloaded" in kinds(), 5, "the unload event")
+    wait_until(lambda: "model.unloaded" in kinds(), HANG_S, "the unload event")
     for kind in ("model.swapped", "model.rollback", "model.pinned", "command.executed", "model.unloaded"):
         assert kind in kinds()
     swapped = next(m.doc for m in recorder.on("/events") if m.doc["kind"] == "model.swapped")
     assert swapped["data"]["source"] == "mqtt" and swapped["node"] == NODE
     wait_until(
         lambda: [m for m in recorder.on("/state") if m.doc.get("models") and m.doc["models"][-1]["serving"] == []],
-        5,
+        HANG_S,
         "the state after unload",
     )
     commander.close()
@@ -333,7 +353,7 @@ def test_bad_input_is_refused_with_a_reply_and_the_agent_is_unaffected(
 
     wait_until(
         lambda: sum(m.doc["kind"] == "command.refused" for m in recorder.on("/events")) >= len(cases) + 2,
-        10,
+        HANG_S,
         "a command.refused event for each",
     )
     assert commander.call(NODE, "status")["ok"]
@@ -362,12 +382,12 @@ def test_password_auth_and_a_wrong_password_leaves_the_agent_serving(
         stop_agent(running)
 
         wrong = mqtt_agent(make_agent, broker.port, pub, node="n2", username="n2", password="guess")
-        wait_until(lambda: wrong.agent.mqtt.link.last_error, 10, "a refused connection")
+        wait_until(lambda: wrong.agent.mqtt.link.last_error, HANG_S, "a refused connection")
         assert "authori" in wrong.agent.mqtt.link.last_error.lower()
         assert not wrong.agent.mqtt.link.connected
         assert infer_digits_ok(wrong)  # serving regardless
-        time.sleep(1.0)
-        assert wrong.agent.mqtt.link.connects == 0 and wrong.agent.mqtt.link.backoff.attempt >= 2  # still trying
+        wait_until(lambda: wrong.agent.mqtt.link.backoff.attempt >= 2, HANG_S, "more connection attempts")
+        assert wrong.agent.mqtt.link.connects == 0  # still trying, and still refused
         commander.close()
         recorder.close()
 
@@ -403,7 +423,7 @@ def test_mutual_tls(make_agent: Any, tmp_path: Path, fleet_key: Any) -> None:
             cert_file=str(tls.rogue_cert),
             key_file=str(tls.rogue_key),
         )
-        wait_until(lambda: rogue.agent.mqtt.link.last_error, 10, "a refused handshake")
+        wait_until(lambda: rogue.agent.mqtt.link.last_error, HANG_S, "a refused handshake")
         assert rogue.agent.mqtt.link.connects == 0 and infer_digits_ok(rogue)
         commander.close()
         recorder.close()
@@ -442,16 +462,37 @@ def test_acl_refusals_are_dropped_and_reported_not_retried_forever(
 
         # Mosquitto answers the refused telemetry with PUBACK 0x87 (and then drops the connection): each
         # refused message is dropped, not resent forever, and the next connection reports what was lost.
-        def reported() -> int:
-            return sum(m.doc["data"]["count"] for m in recorder.on("/events") if m.doc["kind"] == "outbox.dropped")
+        def reports() -> list[dict[str, Any]]:
+            """Each drop report once (delivery is at least once: a report may arrive twice, same seq)."""
+            docs = {m.doc["seq"]: m.doc for m in recorder.on("/events") if m.doc["kind"] == "outbox.dropped"}
+            return [docs[seq] for seq in sorted(docs)]
 
-        wait_until(lambda: reported() >= 5, 15, "drop reports for refused telemetry")
-        report = next(m.doc for m in recorder.on("/events") if m.doc["kind"] == "outbox.dropped")
-        assert list(report["data"]["reasons"]) == ["refused by broker: not authorized"]
+        wait_until(lambda: sum(r["data"]["count"] for r in reports()) >= 5, HANG_S, "drop reports for telemetry")
+        assert list(reports()[0]["data"]["reasons"]) == ["refused by broker: not authorized"]
         assert not recorder.on("/telemetry")
-        assert channel.outbox.outbox.rows < 20  # nothing piles up (a few wait out each reconnect)
         assert any(m.doc["kind"] == "command.executed" for m in recorder.on("/events"))  # the rest still flows
         assert commander.call(NODE, "status")["ok"]
+
+        # Nothing piles up: once telemetry stops, the outbox empties, and every message the node ever wrote
+        # is accounted for exactly once: delivered (events), or refused, dropped and reported (telemetry).
+        # Refusals resent forever would keep the outbox from emptying; drops never reported would leave
+        # numbers unaccounted for; either way the wait below fails.
+        running.loop.call_soon_threadsafe(channel.dispatcher.runtime_settings.apply, {"telemetry.interval_s": 3600.0})
+
+        def accounted() -> tuple[set[int], set[int]]:
+            dropped = {seq for r in reports() for first, last in r["data"]["ranges"] for seq in range(first, last + 1)}
+            return recorder.seqs(), dropped
+
+        def all_accounted() -> bool:
+            delivered, dropped = accounted()
+            everything = set(range(1, channel.outbox.last_seq + 1))
+            return channel.outbox.outbox.rows == 0 and delivered | dropped == everything
+
+        wait_until(all_accounted, HANG_S, "every refused message dropped and reported, and the outbox empty")
+        delivered, dropped = accounted()
+        assert not delivered & dropped  # a dropped message was never delivered
+        assert sum(r["data"]["count"] for r in reports()) == len(dropped)  # each drop reported once
+        assert not recorder.on("/telemetry")
         check_sequence(recorder.sequenced())
         commander.close()
         recorder.close()
@@ -465,18 +506,19 @@ def test_starts_and_serves_with_no_broker_then_delivers_when_one_appears(
     # The agent goes through a relay, held shut until the recorder below is subscribed.
     cable = Cable(broker.port)
     cable.cut()
-    started = time.monotonic()
+    # Start-up does not wait for the broker: with none reachable, the agent is up and serving. A start-up that
+    # waited would never return (nothing listens, the relay is shut); make_agent's own hang guard would fail it.
     running = mqtt_agent(make_agent, cable.port, pub, telemetry_s=0.2)
     try:
-        assert time.monotonic() - started < 5  # start-up does not wait for the broker
         assert infer_digits_ok(running)
         channel = running.agent.mqtt
-        wait_until(lambda: channel.outbox.outbox.rows >= 3, 10, "telemetry written while offline")
+        assert channel.started and not channel.link.connected
+        wait_until(lambda: channel.outbox.outbox.rows >= 3, HANG_S, "telemetry written while offline")
         assert not channel.link.connected and channel.link.last_error
         broker.start()
         recorder = Recorder(broker, [f"edge/nodes/{NODE}/telemetry"])
         cable.mend()
-        wait_until(lambda: len(recorder.on("/telemetry")) >= 6, 15, "the backlog and live telemetry")
+        wait_until(lambda: len(recorder.on("/telemetry")) >= 6, HANG_S, "the backlog and live telemetry")
         report = check_sequence(recorder.sequenced(), set(range(1, 4)))
         assert report.backlog >= 3  # the offline telemetry, delivered as backlog
         snapshot = recorder.on("/telemetry")[0].doc

@@ -362,9 +362,21 @@ class Harness:
 
         return Incoming(f"edge/nodes/{NODE}/cmd", payload, "fleet/replies", corr, redelivered, ack)
 
-    async def settle(self) -> None:
-        for _ in range(50):
-            await asyncio.sleep(0.01)
+    async def until(self, predicate: Any, what: str) -> None:
+        """Let the dispatcher's tasks run until ``predicate()`` holds (a hang guard, not a speed check)."""
+        await wait_async(predicate, what)
+
+    async def replies_for(self, *corrs: bytes) -> None:
+        await self.until(lambda: set(corrs) <= {corr for _, _, corr in self.replies}, f"replies to {corrs}")
+
+
+async def wait_async(predicate: Any, what: str, timeout: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 def test_redelivery_runs_once_and_a_replay_is_refused(fleet: Any, tmp_path: Path) -> None:
@@ -376,13 +388,14 @@ def test_redelivery_runs_once_and_a_replay_is_refused(fleet: Any, tmp_path: Path
         payload = sign_command(key, new_command("pin", {"model": "m"}, target=TARGET, command_id="cmd-1"))
         h.control.gate.clear()  # the command is still running when its re-delivery arrives
         await h.dispatcher.handle(h.incoming(payload))
-        await h.settle()
+        await h.until(lambda: h.control.calls, "the pin to start")
         await h.dispatcher.handle(h.incoming(payload, redelivered=True, corr=b"c2"))
+        assert not h.replies  # both wait for the one run
         h.control.gate.set()
-        await h.settle()
+        await h.replies_for(b"c1", b"c2")
         await h.dispatcher.handle(h.incoming(payload, redelivered=True, corr=b"c3"))  # after it finished
         await h.dispatcher.handle(h.incoming(payload, redelivered=False, corr=b"c4"))  # replayed by someone
-        await h.settle()
+        await h.replies_for(b"c3", b"c4")
         await h.dispatcher.stop()
         return h
 
@@ -394,7 +407,14 @@ def test_redelivery_runs_once_and_a_replay_is_refused(fleet: Any, tmp_path: Path
     assert by_corr[b"c1"]["result"] == by_corr[b"c3"]["result"] == {"model": "m", "pinned": True}
     assert by_corr[b"c4"]["error"]["code"] == "replayed" and by_corr[b"c4"]["error"]["field"] == "body.id"
     assert by_corr[b"c4"]["original"]["result"] == {"model": "m", "pinned": True}
-    assert all(topic == "fleet/replies" for topic, _, _ in h.replies)
+    # Replies to the command go where it asked; the refusal of the replay only to the node's own replies topic.
+    topics = {corr: topic for topic, _, corr in h.replies}
+    assert topics == {
+        b"c1": "fleet/replies",
+        b"c2": "fleet/replies",
+        b"c3": "fleet/replies",
+        b"c4": f"edge/nodes/{NODE}/replies",
+    }
 
 
 def test_a_reply_lost_to_the_link_is_given_when_the_broker_delivers_again(fleet: Any, tmp_path: Path) -> None:
@@ -407,11 +427,11 @@ def test_a_reply_lost_to_the_link_is_given_when_the_broker_delivers_again(fleet:
         await h.dispatcher.start()
         h.link_up = False
         await h.dispatcher.handle(h.incoming(payload, corr=b"lost"))
-        await h.settle()
+        await h.replies_for(b"lost")  # the reply was offered to a link that could not take it
         acks_while_down = h.acks
         h.link_up = True
         await h.dispatcher.handle(h.incoming(payload, redelivered=True, corr=b"again"))
-        await h.settle()
+        await h.replies_for(b"again")
         await h.dispatcher.stop()
         return h, acks_while_down
 
@@ -436,7 +456,7 @@ def test_a_command_cut_short_by_a_crash_answers_interrupted(fleet: Any, tmp_path
         h = Harness(tmp_path, keys)
         await h.dispatcher.start()
         await h.dispatcher.handle(h.incoming(payload, redelivered=True))
-        await h.settle()
+        await h.replies_for(b"c1")
         await h.dispatcher.stop()
         return h
 
@@ -454,7 +474,7 @@ def test_agent_errors_become_error_replies_and_events(fleet: Any, tmp_path: Path
         await h.dispatcher.start()
         await h.dispatcher.handle(h.incoming(sign_command(key, new_command("rollback", {"model": "m"}, target=TARGET))))
         await h.dispatcher.handle(h.incoming(b"garbage", corr=b"c2"))
-        await h.settle()
+        await h.replies_for(b"c1", b"c2")
         await h.dispatcher.stop()
         return h, [queue.get_nowait() for _ in range(queue.qsize())]
 
@@ -550,7 +570,7 @@ def test_forwarder_deletes_on_ack_drops_permanent_refusals_and_fails_on_transien
 
         fwd = Forwarder(box, publish, window=10, drain_rate=0, flush_s=0.0)
         task = asyncio.create_task(fwd.run(watermark=0))
-        await asyncio.sleep(0.05)
+        await wait_async(lambda: len(sent) == 6, "all six published")
         ok, not_authorized, quota = (
             ReasonCode(4, identifier=0),
             ReasonCode(4, identifier=0x87),
@@ -560,11 +580,12 @@ def test_forwarder_deletes_on_ack_drops_permanent_refusals_and_fails_on_transien
             fwd.on_puback(mid, ok)
         fwd.on_puback(105, not_authorized)
         assert not fwd.on_puback(999, ok)  # not one of ours
-        await asyncio.sleep(0.05)
+        # The acks and the refusal reach the outbox (the forwarder flushes them) before the quota failure ends it.
+        await wait_async(lambda: box.outbox.rows == 1, "acked rows deleted and the refused one dropped")
         fwd.on_puback(106, quota)
         error: BaseException | None = None
         try:
-            await asyncio.wait_for(task, 2)
+            await asyncio.wait_for(task, 60)  # a hang guard
         except BrokerRefused as exc:
             error = exc
         remaining = [r.seq for r in await box.fetch(0, 100)]

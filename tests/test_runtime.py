@@ -72,8 +72,9 @@ def test_endless_loop_is_interrupted_by_the_epoch_deadline(env):
     start = time.monotonic()
     with pytest.raises(InferenceTimeout, match=r"100 ms deadline"):
         model.infer(x([-1, 0, 0, 0]))
-    # Interrupted, not run to completion: bounded by the deadline plus scheduling slack.
-    assert time.monotonic() - start < 5
+    # Interrupted: the loop never ends by itself, so getting here at all (with InferenceTimeout naming the
+    # 100 ms deadline) is the proof. The bound only turns a hang into a failure; it is no speed check.
+    assert time.monotonic() - start < 60
     np.testing.assert_array_equal(model.infer(x([2, 2, 2, 2]))["y"], [[2, 4, 6, 8]])
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -150,16 +152,68 @@ def test_no_gpu_is_said_once_at_info_level() -> None:
     assert GpuProbe(off, nvml=FakeNvml(), enabled=False).read() is None and off.infos == []
 
 
+NVIDIA_SMI_FIELDS = (
+    "index,name,uuid,memory.total,memory.used,utilization.gpu,utilization.memory,temperature.gpu,"
+    "power.draw,enforced.power.limit"
+)
+
+
+def _nvidia_smi() -> list[dict[str, str]]:
+    out = subprocess.run(
+        ["nvidia-smi", f"--query-gpu={NVIDIA_SMI_FIELDS}", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    names = NVIDIA_SMI_FIELDS.split(",")
+    return [dict(zip(names, (v.strip() for v in line.split(",")), strict=True)) for line in out.splitlines() if line]
+
+
+def _number(text: str) -> float | None:
+    """nvidia-smi writes "[N/A]" or "[Not Supported]" where the device has no reading."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def test_real_nvml_on_this_machine() -> None:
-    """With the real pynvml: a GPU is reported with its fields, or (no driver here) omitted after one log line."""
+    """With the real pynvml: each GPU's fields match nvidia-smi's own readings, or (no driver) one log line."""
     log = ListLogger()
     probe = GpuProbe(log)
     first, second = probe.read(), probe.read()
+    probe.close()
     if first is None:
         assert second is None and len(log.infos) == 1
-    else:
-        assert {"index", "name", "memory_total_bytes"} <= set(first[0])
-    probe.close()
+        assert shutil.which("nvidia-smi") is None or subprocess.run(["nvidia-smi"], capture_output=True).returncode
+        return
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("a GPU is present but nvidia-smi is not installed to compare NVML's readings against")
+    smi = _nvidia_smi()
+    assert [d["index"] for d in first] == list(range(len(smi)))
+    mib = 1024 * 1024
+    for ours, theirs in zip(first, smi, strict=True):
+        assert ours["name"] == theirs["name"] and ours["uuid"] == theirs["uuid"], (ours, theirs)
+        assert ours["memory_total_bytes"] // mib == int(theirs["memory.total"]), (ours, theirs)
+        # Readings that move: equal within what can change between the two reads.
+        assert abs(ours["memory_used_bytes"] / mib - float(theirs["memory.used"])) <= 512, (ours, theirs)
+        # Utilization is a sampled percentage that can jump between two reads: present
+        # exactly when nvidia-smi has it, and a percentage. The others move slowly.
+        for key, field, slack in (
+            ("utilization_percent", "utilization.gpu", None),
+            ("memory_utilization_percent", "utilization.memory", None),
+            ("temperature_c", "temperature.gpu", 10),
+            ("power_w", "power.draw", 100),
+            ("power_limit_w", "enforced.power.limit", 1),
+        ):
+            value = _number(theirs[field])
+            if value is None:
+                assert key not in ours, f"{key}: nvidia-smi has no reading, NVML reported {ours.get(key)}"
+            elif slack is None:
+                assert key in ours and 0 <= ours[key] <= 100, (key, ours.get(key), value)
+            else:
+                assert key in ours and abs(ours[key] - value) <= slack, (key, ours.get(key), value)
 
 
 # -- on a running agent ------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 from agent import __version__, exitcodes
@@ -32,10 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
+        core.report_error(f"configuration error: {exc}", logged_as=str(exc))
         return exitcodes.CONFIG
     except AgentError as exc:
-        print(f"edge-agent: {exc}", file=sys.stderr)
+        core.report_error(str(exc), logged_as=str(exc))  # once: not again when a log line said it
         return getattr(exc, "exit_code", exitcodes.FAILURE)
     except KeyboardInterrupt:
         return 130

@@ -6,15 +6,28 @@ import argparse
 import asyncio
 import http.client
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agent import exitcodes, logs
+from agent import apitoken, exitcodes, logs
 from agent.config import Config
 from agent.errors import AgentError
+
+
+def report_error(message: str, logged_as: str | None = None) -> None:
+    """A verb's failure as one ``edge-agent: ...`` line on stderr, unless a log line already said it.
+
+    ``logged_as`` is the text a component may have logged the failure with (an
+    exception's message): a pull logs its refusal, with the image and digest as
+    fields, then raises it, and the person reading stderr should see it once.
+    """
+    if logged_as is not None and logs.already_logged(logged_as):
+        return
+    logs.print_error(f"edge-agent: {message}")
 
 
 class ClientError(AgentError):
@@ -98,6 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_config_options(p)
     p.add_argument("--url", help="agent base URL (default: http://<listen>)")
+    add_token_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
@@ -116,6 +130,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         extra["seed_bundled"] = False
     config = load_config(args, **extra)
     logs.configure(config.log_level, config.log_format)
+    # What the systemd unit's UMask=0077 does, for an agent started any other way: nothing the daemon
+    # or its services write (state, compile cache, API token, drop-in refusals) is readable by others.
+    os.umask(0o077)
 
     # A model load on a worker thread is mostly Python holding the GIL; at the default 5 ms
     # switch interval the event loop would wait that long for it and a hot swap would show
@@ -180,12 +197,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     repo = _open_store(args)
     path = Path(args.path)
     if not path.is_dir():
-        print(f"edge-agent: {path} is not a directory", file=sys.stderr)
+        report_error(f"{path} is not a directory")
         return exitcodes.NOINPUT
     try:
         record = repo.import_dir(path)
     except AgentError as exc:
-        print(f"edge-agent: cannot import {path}: {exc}", file=sys.stderr)
+        report_error(f"cannot import {path}: {exc}")
         return exitcodes.DATAERR
     mrec = repo.db.get_model(record.model)
     activated = False
@@ -242,12 +259,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
     try:
         text = sys.stdin.read() if args.input == "-" else Path(args.input).read_text()
     except OSError as exc:
-        print(f"edge-agent: cannot read {args.input}: {exc.strerror}", file=sys.stderr)
+        report_error(f"cannot read {args.input}: {exc.strerror}")
         return exitcodes.NOINPUT
     try:
         doc = json.loads(text)
     except ValueError as exc:
-        print(f"edge-agent: {args.input} is not valid JSON: {exc}", file=sys.stderr)
+        report_error(f"{args.input} is not valid JSON: {exc}")
         return exitcodes.DATAERR
     prefix = f"/v2/models/{args.model}" + (f"/versions/{args.model_version}" if args.model_version else "")
     if not (isinstance(doc, dict) and "inputs" in doc):
@@ -255,7 +272,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         if status != 200:
             return _client_failure(status, meta)
         if len(meta["inputs"]) != 1:
-            print('edge-agent: the model has several inputs; give a whole request with "inputs"', file=sys.stderr)
+            report_error('the model has several inputs; give a whole request with "inputs"')
             return exitcodes.DATAERR
         doc = {"inputs": [bare_tensor(doc, meta["inputs"][0])]}
     status, result = request(args, "POST", prefix + "/infer", doc)
@@ -279,10 +296,61 @@ def bare_tensor(data: Any, input_meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def add_token_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--token",
+        help="control API token (default: env EDGE_AGENT_API_TOKEN, api_token in the config, "
+        "else the file api-token in the state directory)",
+    )
+
+
+class Token:
+    """The control API token a client verb sends, and where it came from (for the error message)."""
+
+    def __init__(self, value: str | None, where: str):
+        self.value = value
+        self.where = where
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.value}"} if self.value else {}
+
+
+def control_token(args: argparse.Namespace) -> Token:
+    """--token, else $EDGE_AGENT_API_TOKEN, else api_token in the config, else ``<state_dir>/api-token``.
+
+    The last is the token the agent makes on its first start when none is configured; the
+    CLI run by the agent's user (or root) on the node finds it with no configuration.
+    """
+    if getattr(args, "token", None):
+        return Token(args.token, "--token")
+    if env := os.environ.get("EDGE_AGENT_API_TOKEN"):
+        return Token(env, "EDGE_AGENT_API_TOKEN")
+    config = load_config(args)
+    if config.api_token:
+        return Token(config.api_token, "api_token in the config")
+    path = apitoken.token_path(config.state_dir)
+    try:
+        value = apitoken.read_token(config.state_dir)
+    except apitoken.TokenFileError as exc:
+        return Token(None, str(exc))
+    return Token(value, str(path) if value else f"none: no --token, no api_token, and no {path}")
+
+
+def control_request(args: argparse.Namespace, path: str, body: Any, timeout: float = 600.0) -> tuple[int, Any]:
+    """A POST to the agent's control API with its token; a refusal's message says where the token came from."""
+    token = control_token(args)
+    status, doc = request(args, "POST", path, body, timeout=timeout, headers=token.headers())
+    if status == 401 and isinstance(doc, dict):
+        doc = {**doc, "error": f"{doc.get('error')} [token used: {token.where}]"}
+    return status, doc
+
+
 def _client_failure(status: int, doc: Any) -> int:
     message = doc.get("error") if isinstance(doc, dict) else doc
-    print(f"edge-agent: agent answered {status}: {message}", file=sys.stderr)
-    if status in (400, 401, 413):
+    report_error(f"agent answered {status}: {message}")
+    if status in (401, 403):
+        return exitcodes.NOPERM
+    if status in (400, 413, 415):
         return exitcodes.DATAERR
     if status in (404, 503):
         return exitcodes.UNAVAILABLE
@@ -299,11 +367,19 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"agent: not running ({exc})")
         return exitcodes.UNAVAILABLE
     ready_status, _ = request(args, "GET", "/v2/health/ready", timeout=5)
-    index_status, index = request(args, "POST", "/v2/repository/index", {}, timeout=5)
+    index_status, index = control_request(args, "/v2/repository/index", {}, timeout=5)
     models = index if index_status == 200 and isinstance(index, list) else []
     ready = ready_status == 200
+    models_error = None
+    if index_status != 200:
+        # Liveness and readiness are open and still decide the exit code; say why the models are missing.
+        models_error = f"agent answered {index_status}: {index.get('error') if isinstance(index, dict) else index}"
+        report_error(f"cannot list models: {models_error}")
     if args.json:
-        print(json.dumps({"live": True, "ready": ready, "models": models}, indent=2))
+        doc: dict[str, Any] = {"live": True, "ready": ready, "models": models}
+        if models_error is not None:
+            doc["models_error"] = models_error
+        print(json.dumps(doc, indent=2))
     else:
         host, port = base_url(args)
         print(f"agent: live, {'ready' if ready else 'NOT ready'} at http://{host}:{port}")

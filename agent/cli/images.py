@@ -8,11 +8,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import exitcodes, logs
-from agent.cli.core import add_config_options, load_config
+from agent.cli.core import add_config_options, load_config, report_error
 from agent.config import Config
+from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.images.signing import PasswordFn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "REF, e.g. registry.example.com/models/digits:1. Blobs the repository has are skipped.",
     )
     add_config_options(p, listen=False)
+    _add_plain_http(p)
     p.add_argument("layout", metavar="LAYOUT[:NAME]")
     p.add_argument("ref", metavar="REF")
     p.set_defaults(func=cmd_push)
@@ -55,9 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "does: the manifest tagged sha256-<hex>.sig in the same repository. For an OCI layout "
         "(oci:DIR[:NAME], oci-archive:TAR[:NAME], or a path) the signature manifest is stored in the layout "
         "under that name, and --identity (host/repository) names the image it vouches for; a tar is "
-        "rewritten in place. The key's password comes from COSIGN_PASSWORD or a prompt.",
+        "rewritten in place. The key's password comes from COSIGN_PASSWORD or a prompt; with neither "
+        "(no terminal) an encrypted key is refused (exit 78).",
     )
     add_config_options(p, listen=False)
+    _add_plain_http(p)
     p.add_argument("ref", metavar="REF|LAYOUT")
     p.add_argument("--key", required=True, metavar="KEY", help="private key file (cosign.key or PKCS#8 PEM)")
     p.add_argument(
@@ -74,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "allows for it (or with --key). Exit 0 when it would be accepted, 65 when it would be refused.",
     )
     add_config_options(p, listen=False)
+    _add_plain_http(p)
     p.add_argument("ref", metavar="REF|LAYOUT")
     p.add_argument("--key", action="append", metavar="PUB", help="public key file(s) to use instead of the policy")
     p.set_defaults(func=cmd_verify)
@@ -82,7 +90,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "keygen",
         help="generate a signing key pair (cosign format)",
         description="Write PREFIX.key (ECDSA P-256, encrypted as cosign does; password from COSIGN_PASSWORD "
-        "or a prompt) and PREFIX.pub (PEM). cosign reads both; --no-password writes a plain PKCS#8 key.",
+        "or a prompt) and PREFIX.pub (PEM). cosign reads both; --no-password writes a plain PKCS#8 key. "
+        "Without a terminal, COSIGN_PASSWORD or --no-password it refuses (exit 78) rather than encrypt "
+        "with an empty password.",
     )
     p.add_argument("--output-key-prefix", default="cosign", metavar="PREFIX", help="default: cosign")
     p.add_argument("--no-password", action="store_true", help="write an unencrypted PKCS#8 private key")
@@ -98,6 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "oci:DIR[:NAME] or oci-archive:TAR[:NAME] imports from an OCI layout under the same checks.",
     )
     add_config_options(p, listen=False)
+    _add_plain_http(p)
     p.add_argument("ref", metavar="REF|LAYOUT")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_pull)
@@ -126,18 +137,64 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def _add_plain_http(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="reach REF's registry over plain HTTP, for this command only (the config's "
+        '[registry.hosts."HOST"] plain_http = true does it for good); for a local or test registry',
+    )
+
+
 def _config(args: argparse.Namespace) -> Config:
     config = load_config(args)
     logs.configure(config.log_level, config.log_format)
+    if getattr(args, "plain_http", False):
+        ref = getattr(args, "ref", "")
+        if _layout_arg(ref) is None:
+            _allow_plain_http(config, ref)
     return config
 
 
-def _password(confirm: bool) -> bytes:
-    """cosign's convention: COSIGN_PASSWORD when set (even empty), else ask on the terminal."""
-    if "COSIGN_PASSWORD" in os.environ:
-        return os.environ["COSIGN_PASSWORD"].encode()
-    if not sys.stdin.isatty():
-        return b""
+def _allow_plain_http(config: Config, ref_text: str) -> None:
+    """``--plain-http``: what ``plain_http = true`` under ``[registry.hosts."HOST"]`` does, for REF's host only."""
+    from agent.images.reference import Reference
+
+    host = Reference.parse(ref_text).registry
+    registry = config.section("registry")
+    hosts = dict(registry.get("hosts") or {})
+    hosts[host] = {**dict(hosts.get(host) or {}), "plain_http": True}
+    config.sections["registry"] = {**registry, "hosts": hosts}
+
+
+def _password_for(verb: str) -> PasswordFn:
+    """cosign's convention: COSIGN_PASSWORD when set (even empty), else ask on the terminal, else refuse.
+
+    Refusing matters: with no terminal, an empty password used to encrypt a new key
+    silently, and a password-protected key failed as if damaged.
+    """
+
+    def password(confirm: bool) -> bytes:
+        if "COSIGN_PASSWORD" in os.environ:
+            return os.environ["COSIGN_PASSWORD"].encode()
+        if not sys.stdin.isatty():
+            if verb == "keygen":
+                raise ConfigError(
+                    "no password for the new private key: COSIGN_PASSWORD is not set and there is no terminal "
+                    "to ask on; set COSIGN_PASSWORD (to encrypt the key with it), or pass --no-password to "
+                    "write an unencrypted key"
+                )
+            raise ConfigError(
+                "the private key is encrypted and there is no password for it: COSIGN_PASSWORD is not set "
+                "and there is no terminal to ask on; set COSIGN_PASSWORD to the key's password "
+                "(keys written by keygen --no-password need none)"
+            )
+        return _ask(confirm)
+
+    return password
+
+
+def _ask(confirm: bool) -> bytes:
     first = getpass.getpass("Enter password for private key: ")
     if confirm and getpass.getpass("Enter password for private key again: ") != first:
         from agent.images.errors import KeyFileError
@@ -194,7 +251,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     config = _config(args)
     path, name = split_layout_arg(args.layout)
-    with open_layout(path) as layout:
+    with open_layout(path.resolve()) as layout:
         result = push_layout(layout, name, args.ref, RegistrySettings.from_config(config))
     print(
         f"pushed {result.ref} ({result.uploaded} blob(s) uploaded, {result.skipped} already there)"
@@ -208,7 +265,10 @@ def _layout_arg(text: str) -> tuple[Path, str | None] | None:
     from agent.images.layout import split_layout_arg
 
     if text.startswith(("oci:", "oci-archive:")) or Path(text).exists():
-        return split_layout_arg(text)
+        path, name = split_layout_arg(text)
+        # Layouts are opened without following links (agent/images/layout.py); one the operator
+        # names on the command line is theirs to follow, so it is resolved here.
+        return path.resolve(), name
     return None
 
 
@@ -227,7 +287,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return exitcodes.USAGE
-    key = load_private_key(Path(args.key), _password)
+    key = load_private_key(Path(args.key), _password_for("sign"))
     if layout is not None:
         digest, tag = sign_layout(layout[0], layout[1], key, args.identity, settings.max_signature_bytes)
         print(f"signed {args.ref} ({digest}) as {args.identity}; signature stored in the layout as {tag}")
@@ -276,7 +336,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_keygen(args: argparse.Namespace) -> int:
     from agent.images.signing import generate_keypair
 
-    password = None if args.no_password else _password(True)
+    password = None if args.no_password else _password_for("keygen")(True)
     key_path, pub_path = generate_keypair(Path(args.output_key_prefix), password, force=args.force)
     print(f"Private key written to {key_path}")
     print(f"Public key written to {pub_path}")
@@ -321,7 +381,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             }
         )
     elif result.offline:
-        print(f"edge-agent: {result.message}", file=sys.stderr)
+        report_error(result.message, logged_as=result.message)  # once: the image.offline warning may have said it
         print(f"{rec.model}:{rec.version} {result.digest} (offline, from the local store)")
     else:
         rate = result.fetched_bytes / result.seconds / 1e6 if result.seconds > 0 else 0.0

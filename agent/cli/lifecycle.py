@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
 from agent import exitcodes
-from agent.cli.core import _client_failure, add_config_options, load_config, request
+from agent.cli.core import _client_failure, add_config_options, add_token_option, control_request
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,13 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     add_config_options(p)
     p.add_argument("--url", help="agent base URL (default: http://<listen>)")
-    p.add_argument("--token", help="API token (env EDGE_AGENT_API_TOKEN, or api_token in the config)")
+    add_token_option(p)
 
 
 def _call(args: argparse.Namespace, path: str, body: dict[str, Any]) -> int:
-    token = args.token or os.environ.get("EDGE_AGENT_API_TOKEN") or load_config(args).api_token
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    status, doc = request(args, "POST", path, body, timeout=600, headers=headers)
+    status, doc = control_request(args, path, body)
     if status != 200:
         return _client_failure(status, doc)
     print(json.dumps(doc, indent=2))

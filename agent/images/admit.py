@@ -18,6 +18,7 @@ import safetensors
 from agent.cas import BlobStore
 from agent.errors import InvalidModel
 from agent.images.manifest import ModelManifest
+from agent.runtime.footprint import check_module_shape
 from agent.spec import SAFETENSORS_DTYPES, ModelSpec
 from agent.state import StateDB, VersionRecord
 
@@ -26,6 +27,9 @@ def check_module_file(spec: ModelSpec, path: Path) -> None:
     with open(path, "rb") as fh:
         if fh.read(4) != b"\0asm":
             raise InvalidModel(f"{spec.name}:{spec.version}: module is not a WebAssembly binary")
+        fh.seek(0)
+        # Memories, tables and imports within ABI v1, from the section headers (no compile).
+        check_module_shape(fh, f"{spec.name}:{spec.version}")
 
 
 def check_weights_file(spec: ModelSpec, path: Path) -> None:

@@ -5,20 +5,40 @@ OCI image spec defines it, so skopeo, crane or oras read what we write
 (``oci:DIR:NAME``). Builds are reproducible: no timestamps, fixed JSON key
 order, so the same model directory always gives the same manifest digest,
 and a tar holds its members in sorted order with zeroed times and owners.
+
+Layouts are also hostile input (the drop-in folder takes them from whoever can
+write to it), so reading one never follows a link, never opens anything but a
+regular file, and never reads more than a bound known before the read:
+
+- a directory layout is read through file descriptors, each path component
+  opened relative to its parent with ``O_NOFOLLOW`` (a symbolic link anywhere
+  inside, to ``/dev/zero`` or to a host file, is refused, so neither its
+  bytes nor their digest ever reach a message) and ``O_NONBLOCK`` (a FIFO
+  cannot block the open), then ``fstat`` must say it is a regular file;
+- a tar is an uncompressed tar of regular files and directories only: no
+  links, devices, FIFOs or sparse members (a 10 KB tar can hold a 1 TiB
+  sparse member);
+- every read is bounded: ``oci-layout`` and ``index.json`` by fixed limits,
+  manifests, configs and signatures by their caller's limits, blobs by the
+  size their descriptor declares, checked against the file's own size before
+  the first byte is read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import os
+import stat
 import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from agent.cas import CHUNK, sha256_digest, split_digest
 from agent.errors import InvalidModel
@@ -31,31 +51,64 @@ from agent.spec import ModelSpec
 MODULE_TITLE = "model.wasm"
 WEIGHTS_TITLE = "weights.safetensors"
 
+# ``oci-layout`` is one short JSON object; ``index.json`` lists a layout's images and
+# signatures, a few hundred bytes each (4 MiB, the manifest limit registries accept).
+MAX_MARKER_BYTES = 4096
+MAX_INDEX_BYTES = 4 * 1024 * 1024
+# What read_blob keeps in memory when its caller names no limit (manifests, configs, payloads).
+MAX_SMALL_BLOB_BYTES = 4 * 1024 * 1024
+
+# Every open inside a layout: never through a symbolic link, never waiting (a FIFO).
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_DIR = _OPEN_FILE | os.O_DIRECTORY
+# Leading bytes of the compressions tarfile would otherwise undo silently (a small bomb, a long stall).
+_COMPRESSED_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+}
+
 
 class OciLayout:
-    """One OCI image layout directory (and, through :class:`TarLayout`, the reading side of a tar of one)."""
+    """One OCI image layout directory (and, through :class:`TarLayout`, the reading side of a tar of one).
 
-    def __init__(self, root: Path):
+    ``root_fd``, when given (``open_layout`` does), is a descriptor of the directory opened
+    once: every read goes through it, so the layout cannot be swapped for another mid-read.
+    """
+
+    def __init__(self, root: Path, root_fd: int | None = None):
         self.root = Path(root)
+        self._root_fd = root_fd
 
     # -- file access: a directory here, a tar's members in TarLayout ----------------------------
-    def _open(self, rel: str) -> BinaryIO:
-        return open(self.root / rel, "rb")
+    def _open_sized(self, rel: str) -> tuple[BinaryIO, int]:
+        """A regular file of the layout and its size, both from one descriptor (FileNotFoundError if absent)."""
+        fd = _open_regular(self.root, self._root_fd, rel)
+        return os.fdopen(fd, "rb"), os.fstat(fd).st_size
 
-    def _size(self, rel: str) -> int:
-        return (self.root / rel).stat().st_size
-
-    def _read(self, rel: str) -> bytes:
-        with self._open(rel) as fh:
-            return fh.read()
+    def _read(self, rel: str, limit: int) -> bytes:
+        """A whole small file, refused from its size alone when over ``limit``; never reads past it."""
+        fh, size = self._open_sized(rel)
+        with fh:
+            if size > limit:
+                raise LayoutError(f"{self.root}: {rel} is {size} bytes, over the limit of {limit}")
+            data = fh.read(limit + 1)
+        if len(data) > limit:  # it grew while being read
+            raise LayoutError(f"{self.root}: {rel} is over the limit of {limit} bytes")
+        return data
 
     # -- reading -----------------------------------------------------------------------------
     def exists(self) -> bool:
-        return (self.root / "oci-layout").is_file()
+        try:
+            self._open_sized("oci-layout")[0].close()
+        except (OSError, LayoutError):
+            return False
+        return True
 
     def check(self) -> None:
         try:
-            version = json.loads(self._read("oci-layout")).get("imageLayoutVersion")
+            version = json.loads(self._read("oci-layout", MAX_MARKER_BYTES)).get("imageLayoutVersion")
         except FileNotFoundError as exc:
             raise LayoutError(f"{self.root} is not an OCI image layout (no oci-layout file)") from exc
         except (ValueError, AttributeError) as exc:
@@ -64,15 +117,26 @@ class OciLayout:
             raise LayoutError(f"{self.root}: image layout version {version!r} is not {mt.OCI_LAYOUT_VERSION!r}")
 
     def blob_path(self, digest: str) -> Path:
+        """Where a blob lives, for writers and tests; readers go through open_blob / read_bounded."""
         return self.root / _blob_rel(digest)
 
-    def open_blob(self, digest: str) -> BinaryIO:
-        """A blob's bytes as a stream (FileNotFoundError when the layout lacks it), not yet checked."""
-        return self._open(_blob_rel(digest))
+    def open_blob(self, digest: str, size: int | None = None) -> BinaryIO:
+        """A blob's bytes as a stream (FileNotFoundError when the layout lacks it), not yet hash-checked.
 
-    def read_blob(self, digest: str) -> bytes:
+        With ``size`` (what its descriptor declares) a blob of any other length is refused before
+        its first byte is read, and the stream never yields more than ``size`` bytes.
+        """
+        fh, actual = self._open_sized(_blob_rel(digest))
+        if size is None:
+            return fh
+        if actual != size:
+            fh.close()
+            raise LayoutError(f"{self.root}: blob {digest} is {actual} bytes, its descriptor declares {size}")
+        return cast(BinaryIO, _Bounded(fh, size))
+
+    def read_blob(self, digest: str, limit: int = MAX_SMALL_BLOB_BYTES) -> bytes:
         try:
-            data = self._read(_blob_rel(digest))
+            data = self._read(_blob_rel(digest), limit)
         except FileNotFoundError as exc:
             raise LayoutError(f"{self.root} lacks blob {digest}") from exc
         if sha256_digest(data) != digest:
@@ -81,12 +145,12 @@ class OciLayout:
 
     def index(self) -> dict[str, Any]:
         try:
-            raw = self._read("index.json")
+            raw = self._read("index.json", MAX_INDEX_BYTES)
         except FileNotFoundError:
             return {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": []}
         try:
             doc = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[…" nested past the parser's depth
             raise LayoutError(f"{self.root}: index.json is not valid JSON: {exc}") from exc
         if not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
             raise LayoutError(f"{self.root}: index.json is not an OCI image index")
@@ -115,26 +179,35 @@ class OciLayout:
         if name is not None:
             found = [d for d in entries if d.annotations.get(mt.REF_NAME) == name]
             if not found:
-                raise LayoutError(f"{self.root} has no image named {name!r}; it has {self.names()}")
+                raise LayoutError(f"{self.root} has no image named {name!r}; it has {_some(self.names())}")
             return found[-1]
         images = [d for d in entries if not _is_signature(d)]
         if len(images) != 1:
-            raise LayoutError(f"{self.root} holds {len(images)} images {self.names()}; name one with LAYOUT:NAME")
+            raise LayoutError(
+                f"{self.root} holds {len(images)} images {_some(self.names())}; name one with LAYOUT:NAME"
+            )
         return images[0]
 
     def read_bounded(self, desc: Descriptor, limit: int, what: str) -> bytes:
         """A small blob (manifest, config, signature) checked against ``desc`` without reading past ``limit``."""
+        if desc.size > limit:
+            raise LayoutError(
+                f"{what} {desc.digest} in {self.root} is {desc.size} bytes by its descriptor, over the limit of {limit}"
+            )
         try:
-            size = self._size(_blob_rel(desc.digest))
+            fh = self.open_blob(desc.digest, desc.size)
         except FileNotFoundError as exc:
             raise LayoutError(f"{self.root} lacks {what} {desc.digest}") from exc
-        if size > limit:
-            raise LayoutError(f"{what} {desc.digest} in {self.root} is {size} bytes, over the limit of {limit}")
-        data = self.read_blob(desc.digest)
-        if len(data) != desc.size:
+        except LayoutError as exc:
+            raise LayoutError(f"{what} {desc.digest}: {exc}") from exc
+        with fh:
+            data = fh.read()
+        if len(data) != desc.size:  # shrank while being read
             raise LayoutError(
                 f"{what} {desc.digest} in {self.root} is {len(data)} bytes, its descriptor says {desc.size}"
             )
+        if sha256_digest(data) != desc.digest:
+            raise LayoutError(f"{self.root}: {what} {desc.digest} is corrupt (hashes to {sha256_digest(data)})")
         return data
 
     def manifest(self, name: str | None = None) -> ModelManifest:
@@ -286,7 +359,8 @@ class TarLayout(OciLayout):
     """An OCI layout read straight out of its tar: nothing is unpacked, so nothing can land outside.
 
     Only regular files and directories may be members; an absolute or ``..`` name, a
-    link or a device is refused outright (no honest layout holds one).
+    link, a device, a FIFO or a sparse file is refused outright (no honest layout holds
+    one, and a sparse member lets a few kilobytes of tar claim a terabyte).
     """
 
     def __init__(self, path: Path, tar: tarfile.TarFile):
@@ -301,25 +375,20 @@ class TarLayout(OciLayout):
                 continue
             if not member.isfile():
                 raise LayoutError(f"{path}: member {member.name!r} is a link or device; refused")
+            if member.issparse():
+                raise LayoutError(
+                    f"{path}: member {member.name!r} is a sparse file (it claims {member.size} bytes); refused"
+                )
             self._members["/".join(p for p in parts if p != ".")] = member
 
-    def _member(self, rel: str) -> tarfile.TarInfo:
+    def _open_sized(self, rel: str) -> tuple[BinaryIO, int]:
         member = self._members.get(rel)
         if member is None:
             raise FileNotFoundError(rel)
-        return member
-
-    def _open(self, rel: str) -> BinaryIO:
-        fh = self._tar.extractfile(self._member(rel))
+        fh = self._tar.extractfile(member)
         if fh is None:  # pragma: no cover - only regular files are kept
             raise FileNotFoundError(rel)
-        return fh
-
-    def _size(self, rel: str) -> int:
-        return self._member(rel).size
-
-    def exists(self) -> bool:
-        return "oci-layout" in self._members
+        return fh, member.size
 
     def blob_path(self, digest: str) -> Path:
         raise LayoutError(f"{self.root} is a tar: its blobs are read in place, they have no path")
@@ -327,28 +396,53 @@ class TarLayout(OciLayout):
 
 @contextlib.contextmanager
 def open_layout(path: Path) -> Iterator[OciLayout]:
-    """A layout to read from a directory, or from a tar (read in place, never unpacked)."""
+    """A layout to read from a directory, or from a tar (read in place, never unpacked).
+
+    ``path`` itself is opened without following a link or waiting on a FIFO, like
+    everything inside it: a caller that means a link resolves it first.
+    """
     path = Path(path)
-    if path.is_dir():
-        layout = OciLayout(path)
-        layout.check()
-        yield layout
-        return
-    if not path.exists():
-        raise LayoutError(f"{path} does not exist")
-    if not tarfile.is_tarfile(path):
-        raise LayoutError(f"{path} is neither an OCI layout directory nor a tar of one")
     try:
-        tar = tarfile.open(path)  # noqa: SIM115 - closed by the `with tar` below
-    except (tarfile.TarError, OSError) as exc:
-        raise LayoutError(f"cannot read {path}: {exc}") from exc
-    with tar:
+        fd = os.open(path, _OPEN_FILE)
+    except FileNotFoundError as exc:
+        raise LayoutError(f"{path} does not exist") from exc
+    except OSError as exc:
+        raise LayoutError(_refusal(path, exc)) from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            layout = OciLayout(path, root_fd=fd)
+            layout.check()
+            yield layout
+            return
+        if not stat.S_ISREG(mode):
+            raise LayoutError(f"{path} is not a regular file or a directory ({_kind(mode)}); refused")
+        with _open_tar(path, os.fdopen(os.dup(fd), "rb")) as layout:
+            yield layout
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _open_tar(path: Path, fh: BinaryIO) -> Iterator[TarLayout]:
+    with fh:
+        magic = fh.read(6)
+        fh.seek(0)
+        for prefix, kind in _COMPRESSED_MAGIC.items():
+            if magic.startswith(prefix):
+                raise LayoutError(f"{path} is a {kind}-compressed tar; a layout tar must be uncompressed (unpack it)")
         try:
-            layout = TarLayout(path, tar)
+            # "r:" takes an uncompressed tar only; tarfile would otherwise decompress on the fly.
+            tar = tarfile.open(fileobj=fh, mode="r:")  # noqa: SIM115 - closed by the `with tar` below
         except tarfile.TarError as exc:
-            raise LayoutError(f"cannot read {path}: {exc}") from exc
-        layout.check()
-        yield layout
+            raise LayoutError(f"{path} is neither an OCI layout directory nor a tar of one ({exc})") from exc
+        with tar:
+            try:
+                layout = TarLayout(path, tar)
+            except tarfile.TarError as exc:
+                raise LayoutError(f"cannot read {path}: {exc}") from exc
+            layout.check()
+            yield layout
 
 
 @contextlib.contextmanager
@@ -359,7 +453,7 @@ def unpacked(path: Path) -> Iterator[OciLayout]:
         pass
     with tempfile.TemporaryDirectory(prefix=f".{path.name}-", dir=path.parent) as tmp:
         try:
-            with tarfile.open(path) as tar:
+            with tarfile.open(path, "r:") as tar:
                 # The data filter refuses absolute paths, '..', links out of the tree and devices.
                 tar.extractall(tmp, filter="data")
         except (tarfile.TarError, OSError) as exc:
@@ -381,7 +475,112 @@ def split_layout_arg(text: str) -> tuple[Path, str | None]:
 
 
 def _blob_rel(digest: str) -> str:
-    return "blobs/sha256/" + split_digest(digest)[1]
+    try:
+        return "blobs/sha256/" + split_digest(digest)[1]
+    except ValueError as exc:
+        raise LayoutError(str(exc)) from exc
+
+
+def _open_regular(root: Path, root_fd: int | None, rel: str) -> int:
+    """A descriptor of the regular file ``root/rel``, every component opened without following links.
+
+    FileNotFoundError when a component is missing (callers tell "absent" from "hostile");
+    LayoutError for a link, a FIFO, a device, a socket or any other refusal.
+    """
+    parts = rel.split("/")
+    try:
+        fd = os.dup(root_fd) if root_fd is not None else os.open(root, _OPEN_DIR)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise LayoutError(_refusal(root, exc)) from exc
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                next_fd = os.open(part, _OPEN_FILE if last else _OPEN_DIR, dir_fd=fd)
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                where = root / "/".join(parts[: i + 1])
+                raise LayoutError(_refusal(where, exc, parent_fd=fd, name=part, last=last)) from exc
+            os.close(fd)
+            fd = next_fd
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise LayoutError(f"{root / rel} is not a regular file ({_kind(mode)}); refused")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _refusal(path: Path, exc: OSError, parent_fd: int | None = None, name: str | None = None, last: bool = True) -> str:
+    """Why ``path`` cannot be opened, in words; never anything about where a link points."""
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
+        try:
+            st = os.lstat(name, dir_fd=parent_fd) if name is not None else os.lstat(path)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            return f"{path} is a symbolic link; a layout is read only through its own regular files, links are refused"
+        if st is not None:
+            want = "a regular file" if last else "a directory"
+            return f"{path} is {_kind(st.st_mode)}, not {want}; refused"
+    return f"cannot read {path}: {exc.strerror or exc}"
+
+
+def _kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISREG, "a regular file"),
+    ):
+        if test(mode):
+            return kind
+    return "an unknown file type"
+
+
+def _some(names: list[str], limit: int = 10) -> str:
+    """A list for a message, cut short: index.json is the dropper's to fill."""
+    shown = [name[:100] for name in names[:limit]]
+    return repr(shown) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+class _Bounded(io.RawIOBase):
+    """A blob stream that ends after the size its descriptor declares, whatever the file does meanwhile."""
+
+    def __init__(self, fh: BinaryIO, size: int):
+        super().__init__()
+        self._fh = fh
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self._left)
+        if n <= 0:
+            return 0
+        data = self._fh.read(n)
+        view[: len(data)] = data
+        self._left -= len(data)
+        return len(data)
+
+    def read(self, size: int | None = -1) -> bytes:
+        n = self._left if size is None or size < 0 else min(size, self._left)
+        data = self._fh.read(n) if n > 0 else b""
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

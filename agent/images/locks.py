@@ -15,16 +15,18 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from agent.fsmodes import private_dirs
+
 
 class Locks:
     def __init__(self, root: Path):
         # Not under tmp/: the daemon empties tmp/ (except partials) at start-up.
         self.dir = Path(root) / "locks"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.dir)
 
     @contextlib.contextmanager
     def _flock(self, name: str, mode: int, blocking: bool = True) -> Iterator[bool]:
-        fd = os.open(self.dir / name, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.dir / name, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
                 fcntl.flock(fd, mode | (0 if blocking else fcntl.LOCK_NB))

@@ -290,7 +290,7 @@ class Puller:
             progress.advance(desc.size)
             return result
         try:
-            fh = layout.open_blob(desc.digest)
+            fh = layout.open_blob(desc.digest, desc.size)  # another length is refused before a byte is read
         except FileNotFoundError as exc:
             raise ImageRefused(f"refused {what}: the manifest names it but the layout does not have it") from exc
         writer = BlobSink(self.blobs, desc.digest)

@@ -38,6 +38,7 @@ from agent.images.signing import (
     sign_payload,
     simple_signing_payload,
 )
+from agent.images.transport import is_transient
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,6 @@ def _with_retries(action: Callable[[], bool], client: RegistryClient, what: str)
         try:
             return action()
         except (RegistryError, OSError) as exc:
-            if isinstance(exc, RegistryError) and exc.status is not None and exc.status < 500:
+            if not is_transient(exc):  # TLS to a plain-HTTP server, a refused login, a 4xx: said at once
                 raise
             client.transport.wait_or_fail(backoff, what, str(exc))

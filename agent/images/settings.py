@@ -10,7 +10,7 @@ signature required, bounded manifests, a bounded cache. Example::
     username = "edge"
     password_file = "/etc/edge-agent/registry-password"
     [registry.hosts."127.0.0.1:5000"]
-    plain_http = true           # only ever for a host named here
+    plain_http = true           # only ever for a host named here (or one command's --plain-http)
 
     [trust]
     require_signature = true

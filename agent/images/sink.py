@@ -24,6 +24,7 @@ from pathlib import Path
 
 from agent.cas import CHUNK, BlobStore, fsync_dir, split_digest
 from agent.errors import CorruptBlob
+from agent.fsmodes import private_opener
 
 # Blocks in flight between the threads: bounds memory to DEPTH x the block size.
 DEPTH = 8
@@ -56,7 +57,7 @@ class BlobSink:
         self._hash = hashlib.sha256()
         self.size = 0
         mode = "r+b" if resume and self.path.exists() else "wb"
-        self._fh = open(self.path, mode)  # noqa: SIM115 - closed in commit/abort
+        self._fh = open(self.path, mode, opener=private_opener)  # noqa: SIM115 - closed in commit/abort; 0600
         if mode == "r+b":
             # The hash state is not persisted with the partial: re-hash what is there.
             while chunk := self._fh.read(CHUNK):

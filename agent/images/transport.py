@@ -7,6 +7,10 @@ otherwise TLS is verified against the system store plus the host's
 ``ca_file``. Connection errors, stalls (no byte for ``stall_timeout_s``),
 408, 429 and 5xx answers are retried with exponential backoff and jitter;
 other answers are final and reported with the registry's own error text.
+Deterministic failures — TLS spoken to a plain-HTTP server, an untrusted
+certificate, a login the host has no credentials for, a 404 — are reported at
+once, with what to change, never retried (:func:`is_transient` tells callers
+that retry whole operations, such as a blob upload, which is which).
 """
 
 from __future__ import annotations
@@ -131,9 +135,10 @@ class Transport:
             except RegistryError:
                 raise
             except (OSError, http.client.HTTPException) as exc:
+                host = urlsplit(url).netloc
                 if _permanent(exc):
-                    raise RegistryError(f"{what}: registry {self.registry}: {_describe(exc)}") from exc
-                self._fail_or_wait(backoff, what, _describe(exc), None)
+                    raise RegistryError(f"{what}: registry {self.registry}: {_describe(exc, host)}") from exc
+                self._fail_or_wait(backoff, what, _describe(exc, host), None)
                 continue
             if resp.status == 401 and not authenticated:
                 challenge = resp.header("WWW-Authenticate") or ""
@@ -285,7 +290,9 @@ class Transport:
             try:
                 resp = self._send("GET", url, headers, None)
             except (OSError, http.client.HTTPException) as exc:
-                self._fail_or_wait(backoff, f"token for {what}", _describe(exc), None)
+                if _permanent(exc):
+                    raise AuthError(f"token for {what}: token service {realm}: {_describe(exc, parts.netloc)}") from exc
+                self._fail_or_wait(backoff, f"token for {what}", _describe(exc, parts.netloc), None)
                 continue
             if resp.status in RETRY_STATUSES:
                 self._fail_or_wait(backoff, f"token for {what}", f"token service answered {resp.status}", resp)
@@ -329,6 +336,8 @@ class Transport:
     def _final_error(self, resp: Response, what: str) -> RegistryError:
         detail = _error_text(resp)
         message = f"{what}: registry {self.registry} answered {resp.status}" + (f": {detail}" if detail else "")
+        if resp.status == 400 and self.scheme == "http" and "HTTPS server" in detail:
+            message += f"; it speaks HTTPS: remove plain_http for {self.registry} (and do not pass --plain-http)"
         if resp.status == 404:
             return NotInRegistry(message, 404)
         if resp.status in (401, 403):
@@ -350,11 +359,34 @@ def _error_text(resp: Response) -> str:
         return body[:200].decode(errors="replace").strip()
 
 
-def _describe(exc: BaseException) -> str:
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the operation that raised ``exc`` later could succeed.
+
+    Unreachable (connection errors, stalls, 5xx after the retries) and 5xx are; a
+    protocol mismatch, an untrusted certificate, a refused login or a 4xx are not.
+    """
+    if isinstance(exc, RegistryUnreachable):
+        return True
+    if isinstance(exc, RegistryError):
+        return exc.status is not None and exc.status >= 500
+    return isinstance(exc, OSError) and not _permanent(exc)
+
+
+def plain_http_hint(host: str) -> str:
+    """What to set for a registry that is meant to be reached over plain HTTP, ready to paste."""
+    return (
+        f"if {host} is meant to be reached over plain HTTP, allow it for that host only in the config:\n"
+        f'    [registry.hosts."{host}"]\n'
+        "    plain_http = true\n"
+        "or pass --plain-http to the edge-agent image push/sign/verify or pull command"
+    )
+
+
+def _describe(exc: BaseException, host: str) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate not trusted ({exc.verify_message}); set ca_file for this host"
     if isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc):
-        return "TLS handshake failed: the server speaks plain HTTP (set plain_http = true for this host to allow it)"
+        return f"TLS handshake failed: the server speaks plain HTTP; {plain_http_hint(host)}"
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out (stalled)"
     return f"{type(exc).__name__}: {exc}".rstrip(": ")

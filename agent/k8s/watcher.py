@@ -8,8 +8,9 @@ Four tasks share one in-memory picture of the cluster:
 * ``_refresh_node`` re-reads the node's labels now and then;
 * ``_sync`` turns the picture into the full set of deployments selecting
   this node, hands it to the reconciler with ``control.set_desired("k8s",
-  ...)`` when it changed (or a failed model is due for a retry), applies
-  ``spec.pinned``, and patches this node's entry into each resource's status;
+  ...)`` when it changed (or a failed model is due for a retry) — with
+  ``spec.pinned`` in each deployment, which the reconciler holds — and
+  patches this node's entry into each resource's status;
 * ``_report_events`` turns the agent's swap and failure events into
   Kubernetes Events on the resource that governs the model.
 
@@ -128,7 +129,6 @@ class KubeWatcher:
             self.log.warning(
                 "kubernetes integration disabled: dropping its recorded desired state", models=sorted(previous)
             )
-            await self._lift_own_pins(control, [], previous, _pinned(status))
             await control.set_desired(SOURCE, [])
 
     # -- list and watch ------------------------------------------------------------
@@ -282,11 +282,9 @@ class KubeWatcher:
         if deployments != self._sent or self._retry_due:
             self._retry_due = False
             self.log.info("desired state from kubernetes", models={d.model: d.ref for d in deployments})
-            before = await control.status()
-            previous = _recorded(before)
-            pinned = _pinned(before)
+            # spec.pinned travels in the deployments: the reconciler holds the version
+            # a pinned deployment reached, and a new spec is a new deployment.
             outcome: dict[str, Any] = {}
-            await self._lift_own_pins(control, deployments, previous, pinned)
             outcome.update(await self._prefetch(deployments))
             try:
                 result = await control.set_desired(SOURCE, deployments)
@@ -295,7 +293,6 @@ class KubeWatcher:
             for model, value in (result if isinstance(result, dict) else {}).items():
                 outcome.setdefault(model, value)
             self._sent = deployments
-            await self._hold_pins(control, deployments, outcome)
             # Let the bus deliver what the reconciler published meanwhile (a
             # swap failure), so the queue holds it before this pass's verdict.
             await asyncio.sleep(0)
@@ -303,46 +300,7 @@ class KubeWatcher:
             self._schedule_retry(any(_failed(outcome.get(d.model)) for d in deployments))
         await self._report_status(selection, others, await control.status())
 
-    # -- pins and prefetch ---------------------------------------------------------------
-    # spec.pinned holds the version a node serves against automatic changes (a
-    # re-pulled moving tag after a restart, a lower source): the watcher pins
-    # the model once the spec is served, as `edge-agent pin` would. An edit of
-    # the resource is not an automatic change, so the watcher lifts the pin it
-    # placed itself before applying the edit. A pin placed on the node by an
-    # operator is never lifted here: the reconciler skips the model and the
-    # resource's status says so.
-    async def _lift_own_pins(
-        self,
-        control: Any,
-        deployments: list[ModelDeployment],
-        previous: dict[str, ModelDeployment],
-        pinned: set[str],
-    ) -> None:
-        wanted = {d.model: d for d in deployments}
-        for model, prev in previous.items():
-            if not prev.pinned or model not in pinned:
-                continue
-            new = wanted.get(model)
-            if new is None or not new.pinned or (new.ref, new.traffic) != (prev.ref, prev.traffic):
-                await self._pin(control, model, False)
-
-    async def _hold_pins(
-        self,
-        control: Any,
-        deployments: list[ModelDeployment],
-        outcome: dict[str, Any],
-    ) -> None:
-        pinned = _pinned(await control.status())
-        for dep in deployments:
-            if dep.pinned and dep.model not in pinned and not _failed(outcome.get(dep.model)):
-                await self._pin(control, dep.model, True)
-
-    async def _pin(self, control: Any, model: str, pinned: bool) -> None:
-        try:
-            await control.pin(model, pinned, source=SOURCE)
-        except AgentError as exc:  # the model is not in the store (yet): the next pass tries again
-            self.log.warning("pin from spec.pinned failed", model=model, pinned=pinned, error=str(exc))
-
+    # -- prefetch ---------------------------------------------------------------------------
     async def _prefetch(self, deployments: list[ModelDeployment]) -> dict[str, Any]:
         """Pull the image of a split's spec, so the version it brings is in the store for the split.
 
@@ -544,10 +502,6 @@ def _recorded(status: dict[str, Any]) -> dict[str, ModelDeployment]:
         if isinstance(doc, dict) and doc.get("source") == SOURCE:
             recorded[model] = ModelDeployment.from_dict({**doc, "model": model})
     return recorded
-
-
-def _pinned(status: dict[str, Any]) -> set[str]:
-    return {str(m.get("name")) for m in status.get("models") or [] if isinstance(m, dict) and m.get("pinned")}
 
 
 def _key(obj: dict[str, Any]) -> tuple[str, str]:

@@ -79,7 +79,7 @@ class MqttChannel:
         self.link = Link(
             self.settings,
             self.node,
-            aiomqtt.Will(self.topics.state, will_payload(self.node), qos=1, retain=True),
+            lambda: aiomqtt.Will(self.topics.state, will_payload(self.node, time.time()), qos=1, retain=True),
             self.log,
         )
         self.outbox: AsyncOutbox | None = None

@@ -19,12 +19,15 @@ from typing import Literal
 
 import sqlite_utils
 
+from agent.fsmodes import create_private_file, private_dirs
+
 Admission = Literal["new", "done", "running", "conflict"]
 
 
 class CommandLog:
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(path.parent)
+        create_private_file(path)  # 0600 (and so its -wal/-shm) whatever the umask
         conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30.0)
         self.db = sqlite_utils.Database(conn)
         self.lock = threading.Lock()

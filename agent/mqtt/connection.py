@@ -41,6 +41,8 @@ from agent.mqtt.settings import MqttSettings
 
 PubackHandler = Callable[[int, ReasonCode], bool]
 Session = Callable[[aiomqtt.Client], Awaitable[None]]
+# Makes the last will for one connection attempt (it carries the time it was registered).
+WillFactory = Callable[[], aiomqtt.Will]
 
 
 @dataclass
@@ -66,7 +68,7 @@ class Link:
         self,
         settings: MqttSettings,
         client_id: str,
-        will: aiomqtt.Will,
+        will: WillFactory,
         log: Any = None,
         rng: random.Random | None = None,
     ):
@@ -191,7 +193,7 @@ class Link:
             protocol=aiomqtt.ProtocolVersion.V5,
             username=settings.username or None,
             password=password,
-            will=self.will,
+            will=self.will(),
             clean_start=False,
             keepalive=settings.keepalive_s,
             timeout=settings.connect_timeout_s,

@@ -14,7 +14,10 @@ For each message, on the receive loop:
    :class:`agent.control.Control` with ``source="mqtt"``.
 4. The reply (result, or error code and message) is stored with the id and
    published to the command's MQTT v5 response topic with its correlation
-   data, or to ``<prefix>/nodes/<node>/replies`` when it named none.
+   data, or to ``<prefix>/nodes/<node>/replies`` when it named none or one
+   inside the agent's own topic tree (:meth:`Topics.honours_response_topic`).
+   A refusal always goes to ``<prefix>/nodes/<node>/replies``: a sender whose
+   command fails verification does not get to say where the node speaks.
 5. Only then is the command acknowledged (PUBACK) to the broker. If the link
    dropped before the reply could go out, the unacknowledged command comes
    back with DUP after the reconnect (the session is persistent) and gets
@@ -277,10 +280,23 @@ class Dispatcher:
         doc["ts"] = round(time.time(), 3)
         return orjson.dumps(doc, default=str, option=orjson.OPT_NON_STR_KEYS)
 
-    def _send_reply(self, msg: Incoming, payload: bytes) -> None:
+    def _send_reply(self, msg: Incoming, payload: bytes, *, refusal: bool = False) -> None:
         """Publish the reply, then acknowledge the command; a reply the link could not take leaves it unacked."""
-        if self._reply(msg.response_topic or self.topics.replies, payload, msg.correlation):
+        if self._reply(self._reply_topic(msg, refusal), payload, msg.correlation):
             msg.ack()
+
+    def _reply_topic(self, msg: Incoming, refusal: bool) -> str:
+        wanted = msg.response_topic
+        if not wanted or refusal:
+            return self.topics.replies
+        if not self.topics.honours_response_topic(wanted):
+            self.log.warning(
+                "mqtt response topic inside the agent's topic tree not honoured; replying on the node's replies topic",
+                response_topic=wanted,
+                replies=self.topics.replies,
+            )
+            return self.topics.replies
+        return wanted
 
     async def _reply_when_done(self, msg: Incoming, future: asyncio.Future[bytes]) -> None:
         payload = await asyncio.shield(future)
@@ -313,7 +329,9 @@ class Dispatcher:
             topic=msg.topic,
             source="mqtt",
         )
-        self._send_reply(msg, self._reply_doc(command_id, command, error=refusal.to_dict(), original=original))
+        self._send_reply(
+            msg, self._reply_doc(command_id, command, error=refusal.to_dict(), original=original), refusal=True
+        )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -322,5 +340,9 @@ class Dispatcher:
 
 
 def error_code_of(exc: AgentError) -> str:
-    """BadRequest -> bad_request, NotFound -> not_found, ImageRefused -> image_refused."""
+    """The error's own ``wire_code`` when it has one (InvalidValue -> invalid_value), else its class
+    name in snake_case: BadRequest -> bad_request, NotFound -> not_found, ImageRefused -> image_refused."""
+    code = getattr(exc, "wire_code", None)
+    if isinstance(code, str) and code:
+        return code
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()

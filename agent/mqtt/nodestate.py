@@ -54,6 +54,11 @@ def offline_state(node: str, reason: str) -> bytes:
     return orjson.dumps({"node": node, "online": False, "ts": round(time.time(), 3), "reason": reason})
 
 
-def will_payload(node: str) -> bytes:
-    """Set at connect time and sent by the broker later, so it carries no timestamp of its own."""
-    return orjson.dumps({"node": node, "online": False, "reason": "connection lost"})
+def will_payload(node: str, registered_at: float) -> bytes:
+    """The last will, made afresh for each connection.
+
+    The broker keeps it from the CONNECT and publishes it when the node vanishes, so
+    the only time it can carry is ``registered_at``: when the will was registered (the
+    connect), not when the node was lost. Otherwise it is an offline state like any.
+    """
+    return orjson.dumps({"node": node, "online": False, "reason": "connection lost", "ts": round(registered_at, 3)})

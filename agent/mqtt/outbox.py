@@ -40,6 +40,8 @@ from typing import Any, ParamSpec, TypeVar
 import orjson
 import sqlite_utils
 
+from agent.fsmodes import create_private_file, private_dirs
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -77,7 +79,8 @@ class Outbox:
     """Synchronous and thread-safe; use it through :class:`AsyncOutbox` from the event loop."""
 
     def __init__(self, path: Path, max_bytes: int, max_age_s: float, clock: Callable[[], float] = time.time):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(path.parent)
+        create_private_file(path)  # 0600 (and so its -wal/-shm) whatever the umask
         self.path = path
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s

@@ -67,5 +67,24 @@ class Topics:
 
     @property
     def replies(self) -> str:
-        """Where replies go when a command names no MQTT v5 response topic."""
+        """Where replies go when a command names no usable MQTT v5 response topic, and where refusals go."""
         return f"{self.base}/replies"
+
+    @property
+    def fleet_replies(self) -> str:
+        """The fleet tools' reply area: the one part of the tree a response topic may name."""
+        return f"{self.prefix}/replies/"
+
+    def honours_response_topic(self, topic: str) -> bool:
+        """Whether a valid command's v5 response topic may receive its reply.
+
+        Not inside the agent's own tree (``<prefix>/...``): there a reply would land on a
+        node's retained state, in the command topics nodes read (its own included, where
+        it would read its reply back as a command), or wherever the layout gives another
+        meaning. The fleet's reply area ``<prefix>/replies/...`` is the exception (the
+        broker ACL in docs/MQTT.md lets nodes write there); anything outside the prefix
+        is the broker's ACL to decide.
+        """
+        if topic == self.prefix or topic.startswith(self.prefix + "/"):
+            return topic.startswith(self.fleet_replies) and len(topic) > len(self.fleet_replies)
+        return True

@@ -9,20 +9,41 @@ the engine settings — and a restart maps it back with ``deserialize_file``.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.metadata
 import os
+import re
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import wasmtime
+from wasmtime import _ffi as ffi
 
 from agent.cas import fsync_dir
 from agent.errors import InvalidModel
+from agent.fsmodes import private_dirs
 
 WASI_MODULE = "wasi_snapshot_preview1"
+# The ticker calls the C function directly (Engine.increment_epoch re-checks its pointer per
+# call), through a PyDLL handle: an atomic add needs no GIL release, and each release costs the
+# event loop a hand-over of the GIL. One hand-over per tick is left: the sleep.
+_increment_epoch = ctypes.PyDLL(ffi.dll._name)["wasmtime_engine_increment_epoch"]
+_increment_epoch.restype = None
+_increment_epoch.argtypes = [ctypes.c_void_p]
+DISABLED_FEATURES = (
+    "wasm_multi_memory",
+    "wasm_memory64",
+    "wasm_threads",
+    "wasm_gc",
+    "wasm_function_references",
+    "wasm_exceptions",
+    "wasm_stack_switching",
+    "wasm_component_model",
+)
 
 
 def wasmtime_version() -> str:
@@ -39,12 +60,25 @@ class WasmRuntime:
     epoch every ``tick_ms``; each call sets a deadline a number of ticks ahead,
     and wasm code that is still running when it passes traps. This costs far
     less per call than fuel metering.
+
+    The tick is fine (1 ms) because a call on the event loop gets a budget of
+    a few milliseconds (agent/server/oip.py). Waking a thread a thousand times
+    a second costs a few percent of a core, so the ticker only runs while
+    wasm runs: every call marks itself in ``active`` (begin_call/end_call:
+    list append/pop, atomic under the GIL), and after ``IDLE_AFTER_S`` with no
+    call started or in progress the ticker sleeps until a call wakes it. A
+    sleeping ticker advances nothing, which is harmless: no deadline is
+    running.
     """
 
-    def __init__(self, cache_dir: Path | None, tick_ms: float = 5.0, opt_level: str = "speed"):
+    IDLE_AFTER_S = 1.0
+    # Safety net: a sleeping ticker looks for calls this often even if no wake-up came.
+    IDLE_POLL_S = 0.1
+
+    def __init__(self, cache_dir: Path | None, tick_ms: float = 1.0, opt_level: str = "speed"):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            private_dirs(self.cache_dir)  # 0700: it may lie under the state directory
         self.tick_ms = tick_ms
         config = wasmtime.Config()
         config.epoch_interruption = True
@@ -56,11 +90,16 @@ class WasmRuntime:
         # Linear memory grows in place inside its reservation and never moves,
         # so instances can keep NumPy views of their I/O buffers.
         config.memory_may_move = False
+        # Proposals whose state escapes the store limits or the ABI (more memories, 64-bit or
+        # shared memory, a GC heap, exceptions, components) are off: such modules do not compile.
+        for feature in DISABLED_FEATURES:
+            setattr(config, feature, False)
         self.engine = wasmtime.Engine(config)
-        # Every setting that changes generated code belongs in the cache key.
+        # Every setting that changes generated code or what validates belongs in the cache key.
         # "validated": entries are written only for modules that passed load_module's validate.
         self.settings_key = (
-            f"wasmtime={wasmtime_version()};opt={opt_level};epoch=1;simd=1;stack=1048576;nomove=1;validated=1"
+            f"wasmtime={wasmtime_version()};opt={opt_level};epoch=1;simd=1;stack=1048576;nomove=1;validated=2;"
+            f"off={','.join(DISABLED_FEATURES)}"
         )
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
@@ -72,6 +111,15 @@ class WasmRuntime:
         # Mirrors the engine's epoch so instances can tell, for free, whether
         # the deadline they set last is still exact (see ModelInstance.run).
         self.epoch = 0
+        # One entry per wasm call in progress, on any thread (see begin_call).
+        self.active: list[None] = []
+        # Set by every call, cleared by the ticker: calls a few microseconds long are rarely
+        # caught in ``active``, and a ticker that idles between them would be woken by each.
+        self.recent = False
+        self.ticking = True
+        self._wake = threading.Event()
+        self._increment = _increment_epoch
+        self._engine_ptr = ctypes.cast(self.engine.ptr(), ctypes.c_void_p).value
 
     # -- epoch clock --------------------------------------------------------
     def start(self) -> None:
@@ -81,10 +129,43 @@ class WasmRuntime:
                 self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
                 self._ticker.start()
 
+    def wake(self) -> None:
+        """A call started while the ticker sleeps: resume ticking (callers check ``ticking`` first)."""
+        self._wake.set()
+
+    def begin_call(self) -> None:
+        """Wasm is about to run on this thread: the ticker must tick. Pair with :meth:`end_call`."""
+        self.active.append(None)
+        self.recent = True
+        if not self.ticking:
+            self._wake.set()
+
+    def end_call(self) -> None:
+        self.active.pop()
+
     def _tick(self) -> None:
         interval = self.tick_ms / 1000.0
-        while not self._stop.wait(interval):
-            self.engine.increment_epoch()
+        idle_after = max(1, int(self.IDLE_AFTER_S / interval))
+        quiet = 0
+        stop, active, sleep = self._stop, self.active, time.sleep
+        while not stop.is_set():
+            if active or self.recent:
+                self.recent = False
+                quiet = 0
+            else:
+                quiet += 1
+            if quiet > idle_after:
+                # Publish "not ticking" before looking at active; a call appends to active
+                # before looking at ticking. Under the GIL one of the two sees the other.
+                self.ticking = False
+                while not active and not stop.is_set():
+                    self._wake.wait(self.IDLE_POLL_S)
+                    self._wake.clear()
+                self.ticking = True
+                quiet = 0
+                continue  # the first tick after waking is a whole one
+            sleep(interval)
+            self._increment(self._engine_ptr)
             self.epoch += 1
 
     def deadline_ticks(self, timeout_ms: float) -> int:
@@ -93,6 +174,7 @@ class WasmRuntime:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         ticker, self._ticker = self._ticker, None
         if ticker is not None:
             ticker.join(timeout=1.0)
@@ -137,7 +219,7 @@ class WasmRuntime:
         try:
             module = wasmtime.Module(self.engine, wasm)
         except wasmtime.WasmtimeError as exc:
-            raise InvalidModel(f"module is not valid WebAssembly: {_first_line(exc)}") from exc
+            raise InvalidModel(f"module is not valid WebAssembly: {error_cause(exc)}") from exc
         check_imports(module)
         self.compiled_fresh += 1
         return module
@@ -160,7 +242,11 @@ class WasmRuntime:
         if any(imp.module == WASI_MODULE for imp in module.imports):
             # No preopens, no env, no args: WASI only for clocks/random/proc_exit.
             store.set_wasi(wasmtime.WasiConfig())
-        return self.linker.instantiate(store, module)
+        self.begin_call()  # a start function is wasm too, under the store's deadline
+        try:
+            return self.linker.instantiate(store, module)
+        finally:
+            self.end_call()
 
 
 def check_imports(module: wasmtime.Module) -> None:
@@ -169,6 +255,19 @@ def check_imports(module: wasmtime.Module) -> None:
             raise InvalidModel(f"module imports {imp.module}.{imp.name}; ABI v1 modules may import only {WASI_MODULE}")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def error_cause(exc: BaseException) -> str:
+    """A wasmtime error in one line: its context, then each cause.
+
+    wasmtime's messages lead with a backtrace and put the reason after
+    "Caused by:"; the first line alone ("error while executing at wasm
+    backtrace:") says nothing.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if "Caused by:" not in lines:
+        return lines[0]
+    at = lines.index("Caused by:")
+    head = [] if lines[0].endswith("backtrace:") else [lines[0].rstrip(":")]
+    causes = [re.sub(r"^\d+:\s*", "", line) for line in lines[at + 1 :]]
+    return ": ".join(head + causes)

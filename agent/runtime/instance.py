@@ -20,7 +20,8 @@ import wasmtime
 from wasmtime import _ffi as ffi
 
 from agent.errors import InferenceTimeout, InvalidModel, ModelError
-from agent.runtime.engine import WasmRuntime
+from agent.runtime.engine import WasmRuntime, error_cause
+from agent.runtime.footprint import StoreLimits
 from agent.spec import ModelSpec, TensorSpec
 
 ABI_FUNCS: dict[str, tuple[int, int]] = {  # name -> (params, results), all i32
@@ -65,6 +66,12 @@ _EXTERN_FUNC, _EXTERN_MEMORY = 0, 3  # wasmtime_extern_kind_t
 _set_deadline = ffi.dll["wasmtime_context_set_epoch_deadline"]
 _set_deadline.restype = None
 _set_deadline.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+# ModelInstance.run(ticks=KEEP_DEADLINE): the later chunks of one request share its deadline.
+KEEP_DEADLINE = 0
+
+
+class DeadlineOverrun(InferenceTimeout):
+    """A call ran past a deadline shorter than the model's timeout that its caller set (an inline budget)."""
 
 
 class ModelInstance:
@@ -88,15 +95,18 @@ class ModelInstance:
         self.runtime = runtime
         self.timeout_ms = timeout_ms
         self.store = wasmtime.Store(runtime.engine)
-        self.store.set_limits(memory_size=memory_limit_bytes)
+        # The cap covers the instance: its one memory and its table (footprint.StoreLimits).
+        StoreLimits.for_cap(memory_limit_bytes).apply(self.store)
         self._ticks = runtime.deadline_ticks(timeout_ms)
         self.store.set_epoch_deadline(self._ticks)
         try:
             instance = runtime.instantiate(self.store, module)
         except wasmtime.Trap as exc:
-            raise ModelError(f"{spec.name}:{spec.version}: trap while instantiating: {exc.message}") from exc
+            raise ModelError(f"{spec.name}:{spec.version}: trap while instantiating: {trap_reason(exc)}") from exc
+        except wasmtime.ExitTrap as exc:
+            raise ModelError(f"{spec.name}:{spec.version}: while instantiating, {exit_reason(exc.code)}") from exc
         except wasmtime.WasmtimeError as exc:
-            raise InvalidModel(f"{spec.name}:{spec.version}: cannot instantiate: {exc}") from exc
+            raise InvalidModel(f"{spec.name}:{spec.version}: cannot instantiate: {error_cause(exc)}") from exc
         self._ctx = ctypes.cast(self.store._context(), ctypes.c_void_p).value
         # Exports are looked up through the C API by name: the Python wrapper would build
         # a typed object for every export, a third of a cold start for a small model.
@@ -114,6 +124,8 @@ class ModelInstance:
         self._refs = {name: ctypes.addressof(self._externs[name].of.func) for name in ABI_FUNCS}
 
         self._keepalive: list[object] = []
+        self._deadline_epoch = -1
+        self._deadline_ticks = self._ticks
         self._run_ref = self._refs["ea_run"]
         # Two wasmtime_val_raw_t slots (16 bytes each: the union holds a v128): the most any
         # ABI function takes (ea_init) or returns.
@@ -136,16 +148,18 @@ class ModelInstance:
         base = self._base()
         self._inputs = [self._view(base, "ea_input", i, t) for i, t in enumerate(spec.inputs)]
         self._outputs = [self._view(base, "ea_output", i, t) for i, t in enumerate(spec.outputs)]
-        self._deadline_epoch = -1
 
     # -- set-up (slow path, checked calls) -----------------------------------
     def _call(self, name: str, *args: int) -> int:
         """Calls an ABI function through the unchecked entry point (types were checked up front)."""
         _set_deadline(self._ctx, self._ticks)
         self._deadline_epoch = -1
+        self._deadline_ticks = self._ticks
         for i, arg in enumerate(args):
             self._raw[2 * i] = arg & 0xFFFFFFFF
+        self.runtime.begin_call()
         error = _call_unchecked(self._ctx, self._refs[name], self._raw_ptr, 2, self._trap_ref)
+        self.runtime.end_call()
         if error or self._trap.value:
             try:
                 self._raise_failure(error)
@@ -208,18 +222,33 @@ class ModelInstance:
         return _memory_data(self._ctx, self._mem_ref)
 
     # -- per request (fast path) ---------------------------------------------
-    def run(self, inputs: list[np.ndarray], batch: int) -> list[np.ndarray]:
-        """Run ``batch`` rows (``1..max_batch``) of inputs given in spec order; returns copies."""
+    def run(self, inputs: list[np.ndarray], batch: int, ticks: int | None = None) -> list[np.ndarray]:
+        """Run ``batch`` rows (``1..max_batch``) of inputs given in spec order; returns copies.
+
+        ``ticks``: the deadline, in epoch ticks from now (default: the instance's
+        timeout); ``KEEP_DEADLINE`` keeps the one the previous call set.
+        """
         for view, array in zip(self._inputs, inputs, strict=True):
             view[:batch] = array
         self._raw[0] = batch
-        epoch = self.runtime.epoch
-        if epoch != self._deadline_epoch:
-            # The deadline is "ticks after the epoch when set": while the epoch
-            # has not moved, the one set last is still exactly right.
-            _set_deadline(self._ctx, self._ticks)
-            self._deadline_epoch = epoch
+        if ticks is None:
+            ticks = self._ticks
+        if ticks != KEEP_DEADLINE:
+            epoch = self.runtime.epoch
+            if epoch != self._deadline_epoch or ticks != self._deadline_ticks:
+                # The deadline is "ticks after the epoch when set": while the epoch
+                # has not moved, the one set last is still exactly right.
+                _set_deadline(self._ctx, ticks)
+                self._deadline_epoch = epoch
+                self._deadline_ticks = ticks
+        runtime = self.runtime
+        active = runtime.active
+        active.append(None)  # keeps the epoch ticker going (WasmRuntime.begin_call, inlined)
+        runtime.recent = True
+        if not runtime.ticking:
+            runtime.wake()
         error = _call_unchecked(self._ctx, self._run_ref, self._raw_ptr, 1, self._trap_ref)
+        active.pop()
         if error or self._trap.value:
             self._raise_failure(error)
         status = self._raw[0] & 0xFFFFFFFF
@@ -238,10 +267,15 @@ class ModelInstance:
             self._trap.value = None
             code = trap.trap_code
             if code == wasmtime.TrapCode.INTERRUPT:
+                if self._deadline_ticks != self._ticks:
+                    # A shorter deadline the caller chose (the event loop's budget), not the timeout.
+                    raise DeadlineOverrun(f"{name}: call overran its budget of {self._deadline_ticks} epoch ticks")
                 raise InferenceTimeout(f"{name}: inference exceeded its {self.timeout_ms:g} ms deadline")
             raise ModelError(f"{name}: wasm trap: {trap_reason(trap)}")
         err = wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))
-        raise ModelError(f"{name}: wasmtime error: {str(err).splitlines()[0]}")
+        if isinstance(err, wasmtime.ExitTrap):
+            raise ModelError(f"{name}: {exit_reason(err.code)}")
+        raise ModelError(f"{name}: wasmtime error: {error_cause(err)}")
 
 
 def check_exports(module: wasmtime.Module, spec: ModelSpec) -> None:
@@ -254,9 +288,22 @@ def check_exports(module: wasmtime.Module, spec: ModelSpec) -> None:
         params = [str(t) for t in ftype.params]
         results = [str(t) for t in ftype.results]
         if params != ["i32"] * nparams or results != ["i32"] * nresults:
-            raise InvalidModel(f"{spec.name}:{spec.version}: {name} has type {ftype}, ABI v1 wants i32 only")
+            raise InvalidModel(
+                f"{spec.name}:{spec.version}: {name} has type {signature(params, results)}, "
+                f"ABI v1 wants {signature(['i32'] * nparams, ['i32'] * nresults)}"
+            )
     if not isinstance(types.get("memory"), wasmtime.MemoryType):
         raise InvalidModel(f"{spec.name}:{spec.version}: module does not export its memory as 'memory'")
+
+
+def signature(params: list[str], results: list[str]) -> str:
+    """A function type as WAT-minded people read it: ``(i32, f32) -> i32``."""
+    result = results[0] if len(results) == 1 else f"({', '.join(results)})"
+    return f"({', '.join(params)}) -> {result}"
+
+
+def exit_reason(code: int) -> str:
+    return f"the module called WASI proc_exit with exit code {code}"
 
 
 def trap_reason(trap: wasmtime.Trap) -> str:

@@ -9,6 +9,7 @@ instance and compared with the golden output when the model ships one.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -16,10 +17,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import safetensors.numpy
+import wasmtime
 
 from agent.cas import BlobStore
 from agent.errors import BadRequest, InvalidModel, ModelError
 from agent.runtime.engine import WasmRuntime
+from agent.runtime.footprint import check_module_shape
 from agent.runtime.instance import check_exports
 from agent.runtime.pool import InstancePool
 from agent.spec import SAFETENSORS_DTYPES, ModelSpec
@@ -43,6 +46,9 @@ class LoadedModel:
     # perf_counter() when the pool finished warming: the start of "warm to routed".
     warm_at: float = field(default_factory=time.perf_counter)
     inflight: int = 0
+    # The server's bound on this version's requests holding worker threads (pool size),
+    # made on the event loop at first use.
+    worker_slots: asyncio.Semaphore | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -133,7 +139,7 @@ def load_version(
 ) -> LoadedModel:
     start = time.perf_counter()
     spec, wasm, params = read_artefacts(blobs, record)
-    module = runtime.load_module(wasm, record.module_digest, validate=lambda m: check_exports(m, spec))
+    module = runtime.load_module(wasm, record.module_digest, validate=lambda m: _validate(spec, wasm, m))
     memory_mb = min(settings.memory_limit_mb, spec.memory_limit_mb or settings.memory_limit_mb)
     timeout_ms = min(settings.request_timeout_ms, spec.timeout_ms or settings.request_timeout_ms)
     pool = InstancePool(
@@ -153,6 +159,12 @@ def load_version(
         pool.close()
         raise
     return LoadedModel(spec=spec, record=record, pool=pool, load_ms=(time.perf_counter() - start) * 1000)
+
+
+def _validate(spec: ModelSpec, wasm: bytes, module: wasmtime.Module) -> None:
+    # The shape check also runs at import; here it covers versions stored before it existed.
+    check_module_shape(wasm, f"{spec.name}:{spec.version}")
+    check_exports(module, spec)
 
 
 def warm_up(spec: ModelSpec, pool: InstancePool) -> None:

@@ -5,6 +5,15 @@ parallel on worker threads (ctypes releases the GIL for the duration of the
 wasm call). An instance that traps, times out or returns an error status is
 discarded — its memory may be half-written — and replaced by a fresh one, so
 one bad request never poisons the next.
+
+A version measured as fast may run on the caller's thread — the event loop —
+through :meth:`InstancePool.run_inline`, under a budget of a few milliseconds
+rather than its timeout. A call that overruns the budget takes the version
+off the loop (``inline_allowed``); its caller re-runs the request on a worker
+(:meth:`InstancePool.rerun`), which is sound because a model is a pure
+function of its inputs. When the re-run also takes longer than the budget
+the demotion is for good; when it is quick, the overrun was the thread being
+descheduled on a busy machine, and the version may run inline again.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import wasmtime
 
 from agent.errors import ModelError, Unavailable
 from agent.runtime.engine import WasmRuntime
-from agent.runtime.instance import ModelInstance, check_exports
+from agent.runtime.instance import KEEP_DEADLINE, DeadlineOverrun, ModelInstance, check_exports
 from agent.spec import ModelSpec
 
 
@@ -38,6 +47,9 @@ class InstancePool:
         self.spec = spec
         self.size = size
         self.timeout_ms = timeout_ms
+        self.runtime = runtime
+        self._timeout_ticks = runtime.deadline_ticks(timeout_ms)
+        self._budget_ticks: dict[float, int] = {}
         if not exports_checked:
             check_exports(module, spec)
         self._factory = lambda: ModelInstance(
@@ -51,6 +63,8 @@ class InstancePool:
         self.replaced = 0
         # Smoothed compute time of one call, used to decide inline vs worker.
         self.ewma_us = 0.0
+        # False once a call overran the inline budget: from then on, workers only.
+        self.inline_allowed = True
 
     @property
     def idle(self) -> int:
@@ -115,7 +129,10 @@ class InstancePool:
         self.release(fresh)
 
     def run_on(self, instance: ModelInstance, inputs: list[np.ndarray], batch: int) -> list[np.ndarray]:
-        """Run on an acquired instance, splitting batches above ``max_batch``; releases it."""
+        """Run on an acquired instance, splitting batches above ``max_batch``; releases it.
+
+        The model's timeout covers the whole request, every chunk of it.
+        """
         start = time.perf_counter()
         try:
             if batch <= self.spec.max_batch:
@@ -129,9 +146,51 @@ class InstancePool:
             self.release(instance)
             raise
         self.release(instance)
+        self._measured(start)
+        return outputs
+
+    def run_inline(
+        self, instance: ModelInstance, inputs: list[np.ndarray], batch: int, budget_ms: float
+    ) -> list[np.ndarray] | None:
+        """Run ``batch <= max_batch`` rows on the caller's thread, cut off after about ``budget_ms``.
+
+        Returns None when the call overran the budget: the version is demoted
+        (``inline_allowed`` is False from now on) and the caller must re-run the
+        request with :meth:`run`. After None or a ModelError the instance is
+        gone — its memory may be half-written — and the caller must call
+        :meth:`discard` off this thread to build its replacement (instantiating
+        can take longer than the budget).
+        """
+        ticks = self._budget_ticks.get(budget_ms)
+        if ticks is None:
+            ticks = self._budget_ticks[budget_ms] = min(self.runtime.deadline_ticks(budget_ms), self._timeout_ticks)
+        start = time.perf_counter()
+        try:
+            outputs = instance.run(inputs, batch, ticks)
+        except DeadlineOverrun:
+            self.inline_allowed = False
+            return None
+        except ModelError:
+            raise  # the instance is dropped, not released (see above)
+        except BaseException:
+            self.release(instance)
+            raise
+        self.release(instance)
+        self._measured(start)
+        return outputs
+
+    def rerun(self, inputs: list[np.ndarray], batch: int, timeout: float | None, budget_ms: float) -> list[np.ndarray]:
+        """Run, on a worker, a request whose inline call overran ``budget_ms``; confirms or lifts the demotion."""
+        instance = self.acquire(timeout)
+        start = time.perf_counter()
+        outputs = self.run_on(instance, inputs, batch)  # a failure or timeout leaves the version demoted
+        if (time.perf_counter() - start) * 1000 < budget_ms / 2:
+            self.inline_allowed = True
+        return outputs
+
+    def _measured(self, start: float) -> None:
         elapsed_us = (time.perf_counter() - start) * 1e6
         self.ewma_us = elapsed_us if self.ewma_us == 0.0 else 0.9 * self.ewma_us + 0.1 * elapsed_us
-        return outputs
 
     def run(self, inputs: list[np.ndarray], batch: int, timeout: float | None = None) -> list[np.ndarray]:
         return self.run_on(self.acquire(timeout), inputs, batch)
@@ -142,7 +201,8 @@ class InstancePool:
         for lo in range(0, batch, step):
             hi = min(batch, lo + step)
             chunk = [np.ascontiguousarray(a[lo:hi]) for a in inputs]
-            parts.append(instance.run(chunk, hi - lo))
+            # One deadline for the request: the first chunk arms it, the others keep it.
+            parts.append(instance.run(chunk, hi - lo, None if lo == 0 else KEEP_DEADLINE))
         return [np.concatenate([p[i] for p in parts]) for i in range(len(self.spec.outputs))]
 
     def warm(self, inputs: list[np.ndarray], batch: int) -> list[list[np.ndarray]]:

@@ -4,8 +4,27 @@ Why not a framework: the inference path of a microsecond-scale model is
 dominated by per-request framework overhead, and the agent needs only exact
 paths, JSON bodies, keep-alive and a clean drain on SIGTERM. This is that and
 nothing else: persistent connections, pipelined requests answered in order,
-``Expect: 100-continue``, a hard body-size cap (413 before the body is read),
-400 on malformed requests, and a drain that lets in-flight requests finish.
+``Expect: 100-continue``, 400 on malformed requests, and a drain that lets
+in-flight requests finish.
+
+Every byte a client can make the server hold is bounded, each limit answered
+as soon as it is crossed rather than after buffering:
+
+* request target: 414 beyond ``max_url_bytes``; request line + headers: 431
+  beyond ``max_header_bytes`` or ``max_header_count`` fields;
+* a body: 413 beyond ``max_body_bytes`` (from ``Content-Length`` alone);
+* bodies held across all connections: 503 + ``Retry-After`` beyond
+  ``max_inflight_body_bytes`` (bodies up to 64 KiB are always admitted, so
+  health checks and small inferences go on while large uploads fill it);
+* output: a connection whose transport holds more than
+  ``write_buffer_high_bytes`` unsent is neither read nor parsed until the
+  client catches up, so pipelining without reading cannot grow memory;
+* connections: beyond ``max_connections`` a new one gets 503 and is closed.
+
+A refused request is answered, then the connection is shut for writing and
+what the client still sends is read and dropped for a moment ("lingering
+close"), so the kernel does not answer unread bytes with a reset that would
+destroy the answer.
 
 The application is a callable taking a :class:`Request` and returning either
 a :class:`Response` (answered at once, no task is created) or an awaitable of
@@ -27,6 +46,17 @@ import orjson
 import structlog
 
 log = structlog.get_logger("edge_agent.http")
+
+# Bytes fed to the parser between checks for backpressure and the head limit.
+# It bounds what one check can let through: requests parsed from one slice
+# (a pipelining client), and how far the head limit can be overshot.
+_SLICE = 16 * 1024
+# Bodies up to this size skip the global body budget: max_connections bounds
+# their total, and refusing them would starve health checks during a flood.
+_SMALL_BODY = 64 * 1024
+# How long a refused connection reads and drops what its client still sends.
+_LINGER_S = 2.0
+_RETRY_AFTER = [("Retry-After", "1")]
 
 
 @dataclass
@@ -61,6 +91,10 @@ App = Callable[[Request], "Response | Awaitable[Response]"]
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
+class _Refused(Exception):
+    """Raised inside a parser callback to stop parsing a stream that crossed a limit."""
+
+
 class _DateCache:
     """The Date header changes once a second; format it once a second."""
 
@@ -77,15 +111,40 @@ class _DateCache:
 
 
 class HttpServer:
-    def __init__(self, app: App, max_body_bytes: int = 8 << 20, idle_timeout_s: float = 75.0):
+    """The listening sockets and their connections; every limit is an attribute read per use."""
+
+    def __init__(
+        self,
+        app: App,
+        max_body_bytes: int = 8 << 20,
+        idle_timeout_s: float = 75.0,
+        *,
+        max_url_bytes: int = 8 << 10,
+        max_header_bytes: int = 64 << 10,
+        max_header_count: int = 100,
+        max_inflight_body_bytes: int = 64 << 20,
+        max_connections: int = 512,
+        write_buffer_high_bytes: int = 64 << 10,
+    ):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.idle_timeout_s = idle_timeout_s
+        self.max_url_bytes = max_url_bytes
+        self.max_header_bytes = max_header_bytes
+        self.max_header_count = max_header_count
+        self.max_inflight_body_bytes = max_inflight_body_bytes
+        self.max_connections = max_connections
+        self.write_buffer_high_bytes = write_buffer_high_bytes
         self.connections: set[_Connection] = set()
         self._servers: list[asyncio.base_events.Server] = []
         self._dates = _DateCache()
         self.closing = False
         self.requests_in_flight = 0
+        # Request bodies held right now across all connections: being received,
+        # queued behind a pipelined request, or in the application's hands.
+        self.body_bytes_held = 0
+        # Refusals and backpressure events by kind, for logs and tests.
+        self.counters: collections.Counter[str] = collections.Counter()
         self._sweeper: asyncio.Future[None] | None = None
 
     async def _sweep_idle(self) -> None:
@@ -97,7 +156,7 @@ class HttpServer:
             deadline = time.monotonic() - self.idle_timeout_s
             for conn in list(self.connections):
                 if conn.last_active < deadline:
-                    conn.close_when_idle()
+                    conn.expire()
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         """Bind and start accepting; returns the bound address (port 0 picks a free one)."""
@@ -134,62 +193,206 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.pending: collections.deque[Request] = collections.deque()
+        # Parsed requests waiting for the one ahead of them (or for the client
+        # to read), each with the body budget it holds.
+        self.pending: collections.deque[tuple[Request, int]] = collections.deque()
         self.busy = False
         self.keep_alive = True
         self.last_active = time.monotonic()
         self._url = b""
         self._headers: dict[str, str] = {}
+        self._header_count = 0
         self._body: list[bytes] = []
         self._body_len = 0
-        self._refused = False
+        self._body_left = 0  # of a Content-Length body being received
+        self._head_open = False  # request line or headers being received
+        self._head_bytes = 0
+        self._message = 0  # numbers messages, to tell one head from the next
+        self._reserved = 0  # body budget held by the message being received
+        self._dispatched = 0  # body budget held by the request in the application's hands
+        self._unparsed = b""  # received, not parsed: the connection is stalled
+        self._write_paused = False
+        self._reading_paused = False
+        self._refused = False  # the stream is abandoned: what arrives is dropped
+        self._refusal: Response | None = None  # the answer to a refused stream, not yet sent
+        self._refusal_kind = ""
+        self._linger: asyncio.TimerHandle | None = None
 
     # -- transport events ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.server.connections.add(self)
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            server.counters["connections_refused"] += 1
+            self._refused = True
+            self._write(Response(503, b'{"error":"too many connections"}', headers=_RETRY_AFTER), keep_alive=False)
+            transport.close()
+            return
+        transport.set_write_buffer_limits(high=server.write_buffer_high_bytes)
+        server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self._linger is not None:
+            self._linger.cancel()
+        # What the application holds is given back when it answers (_finish).
+        self._release(self._reserved + sum(held for _, held in self.pending))
+        self._reserved = 0
+        self.pending.clear()
+        self._unparsed = b""
         self.transport = None
+
+    def pause_writing(self) -> None:
+        # The client is not reading as fast as we answer: stop parsing its
+        # requests (data_received holds them raw, then reading pauses).
+        self._write_paused = True
+        self.server.counters["write_paused"] += 1
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.last_active = time.monotonic()  # the client reads: it is slow, not gone
+        self._advance()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
+            return  # lingering after a refusal: drop it
+        if self._unparsed or self.busy or self._write_paused or self.pending:
+            self._hold(data)
             return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._refuse(400, "protocol upgrades are not supported")
-        except httptools.HttpParserError as exc:
-            self._refuse(400, f"malformed HTTP request: {exc}")
+        if not self._head_open and len(data) <= (self._body_left or _SLICE):
+            # The common case, one read holding whole requests: what _feed
+            # would do in one step, without its bookkeeping.
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                self._refuse(Response.error(400, "protocol upgrades are not supported"), "malformed")
+            except httptools.HttpParserError as exc:
+                self._parse_failed(exc)
+            return
+        self._feed(data)
+
+    # -- feeding the parser ---------------------------------------------------------
+    def _hold(self, data: bytes) -> None:
+        """Keep received bytes unparsed and stop reading: at most one read per stall."""
+        self._unparsed = self._unparsed + data if self._unparsed else data
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _feed(self, data: bytes) -> None:
+        view: memoryview | None = None
+        pos, end = 0, len(data)
+        while pos < end:
+            step = end - pos
+            if self._body_left:
+                # Feed exactly to the end of a known-length body: a large body
+                # goes in one piece, and the next message starts a feed of its own.
+                step = min(step, self._body_left)
+            elif step > _SLICE:
+                step = _SLICE
+            if step == end:
+                piece: bytes | memoryview = data
+            else:
+                view = view if view is not None else memoryview(data)
+                piece = view[pos : pos + step]
+            message, counting = self._message, self._head_open
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                self._refuse(Response.error(400, "protocol upgrades are not supported"), "malformed")
+                return
+            except httptools.HttpParserError as exc:
+                self._parse_failed(exc)
+                return
+            pos += step
+            if self._refused or self.transport is None or self.transport.is_closing():
+                return
+            # A head is counted from the feed after the one it started in: never
+            # more than its real size, so a head is refused at most one slice
+            # past the limit and never below it.
+            if counting and self._head_open and message == self._message:
+                self._head_bytes += step
+                if self._head_bytes > self.server.max_header_bytes:
+                    limit = self.server.max_header_bytes
+                    message_text = f"request line and headers exceed the limit of {limit} bytes"
+                    self._refuse(Response.error(431, message_text), "headers_too_large")
+                    return
+            if pos < end and (self.busy or self._write_paused or self.pending):
+                assert view is not None
+                self._hold(bytes(view[pos:]))
+                return
+
+    def _parse_failed(self, exc: httptools.HttpParserError) -> None:
+        if self._refusal is None:
+            self._refuse(Response.error(400, f"malformed HTTP request: {exc}"), "malformed")
+        else:  # a callback crossed a limit (_stop)
+            self._refuse(self._refusal, self._refusal_kind)
+
+    def _stop(self, status: int, message: str, kind: str, headers: list[tuple[str, str]] | None = None) -> None:
+        """From a parser callback: refuse this stream (the parser raises, _feed answers)."""
+        self._refusal = Response(status, orjson.dumps({"error": message}), headers=headers or [])
+        self._refusal_kind = kind
+        raise _Refused(message)
 
     # -- parser callbacks ---------------------------------------------------------
     def on_message_begin(self) -> None:
+        # _body, _body_left and _head_bytes are already reset by the end of
+        # the previous message (or by __init__).
         self._url = b""
         self._headers = {}
-        self._body = []
+        self._header_count = 0
         self._body_len = 0
+        self._head_open = True
+        self._message += 1
 
     def on_url(self, url: bytes) -> None:
+        # Called with each piece of the target as it arrives, so the limit
+        # holds before the target is buffered, not after.
+        if len(self._url) + len(url) > self.server.max_url_bytes:
+            self._stop(414, f"request target exceeds the limit of {self.server.max_url_bytes} bytes", "uri_too_long")
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.server.max_header_count:
+            limit = self.server.max_header_count
+            self._stop(431, f"request has more than {limit} header fields", "too_many_headers")
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        self._head_open = False
+        self._head_bytes = 0
+        server = self.server
         length = self._headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.server.max_body_bytes:
-            self._refuse(413, f"request body of {length} bytes exceeds the limit of {self.server.max_body_bytes}")
-            return
+        if length is not None and length.isdigit():
+            size = int(length)
+            if size > server.max_body_bytes:
+                message = f"request body of {length} bytes exceeds the limit of {server.max_body_bytes}"
+                self._stop(413, message, "body_too_large")
+            # Reserved from the header alone: refused before a byte of it is read.
+            if size > _SMALL_BODY and server.body_bytes_held + size > server.max_inflight_body_bytes:
+                self._over_budget()
+            server.body_bytes_held += size
+            self._reserved += size
+            self._body_left = size
         if self._headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
-        self._body_len += len(body)
-        if self._body_len > self.server.max_body_bytes:
-            self._refuse(413, f"request body exceeds the limit of {self.server.max_body_bytes} bytes")
-            return
+        size = len(body)
+        if self._body_left:
+            self._body_left -= size
+        else:  # chunked: no size was declared, so the budget is taken as it arrives
+            server = self.server
+            self._body_len += size
+            if self._body_len > server.max_body_bytes:
+                limit = server.max_body_bytes
+                self._stop(413, f"request body exceeds the limit of {limit} bytes", "body_too_large")
+            if self._body_len > _SMALL_BODY and server.body_bytes_held + size > server.max_inflight_body_bytes:
+                self._over_budget()
+            server.body_bytes_held += size
+            self._reserved += size
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -200,18 +403,27 @@ class _Connection(asyncio.Protocol):
         query = url.query.decode("latin-1") if url.query else ""
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         request = Request(self.parser.get_method().decode(), path, query, self._headers, body)
+        held, self._reserved = self._reserved, 0
+        self._body = []
         if not self.parser.should_keep_alive():
             self.keep_alive = False
-        if self.busy:
-            self.pending.append(request)
-            if self.transport is not None:
-                self.transport.pause_reading()
+        if self.busy or self._write_paused or self.pending:
+            self.pending.append((request, held))
             return
-        self._dispatch(request)
+        self._dispatch(request, held)
+
+    # -- the body budget ---------------------------------------------------------
+    def _over_budget(self) -> None:
+        message = "the server holds too many request bodies right now; retry later"
+        self._stop(503, message, "body_budget", headers=_RETRY_AFTER)
+
+    def _release(self, size: int) -> None:
+        self.server.body_bytes_held -= size
 
     # -- dispatch ---------------------------------------------------------------------
-    def _dispatch(self, request: Request) -> None:
+    def _dispatch(self, request: Request, held: int) -> None:
         self.server.requests_in_flight += 1
+        self._dispatched = held
         try:
             result = self.server.app(request)
         except Exception:
@@ -234,16 +446,38 @@ class _Connection(asyncio.Protocol):
             response = task.result()
         self.busy = False
         self._finish(response)
-        while self.pending and not self.busy and self.transport is not None:
-            self._dispatch(self.pending.popleft())
-        if not self.pending and self.transport is not None and not self.busy:
-            self.transport.resume_reading()
+        self._advance()
+
+    def _advance(self) -> None:
+        """Go on after a stall (an answer finished, or the client read): queued, held, then reading."""
+        while self.pending and not self.busy and not self._write_paused and self.transport is not None:
+            request, held = self.pending.popleft()
+            self._dispatch(request, held)
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.busy or self._write_paused or self.pending:
+            return
+        if self._refusal is not None and self._refused:
+            self._send_refusal()
+            return
+        if self._refused:
+            return
+        if self._unparsed:
+            data, self._unparsed = self._unparsed, b""
+            self._feed(data)
+            if self._unparsed or self._refused:
+                return
+        if self._reading_paused and not transport.is_closing():
+            self._reading_paused = False
+            transport.resume_reading()
 
     def _finish(self, response: Response) -> None:
         self.server.requests_in_flight -= 1
+        if self._dispatched:
+            self.server.body_bytes_held -= self._dispatched
+            self._dispatched = 0
         keep_alive = self.keep_alive and not self.server.closing
         self._write(response, keep_alive)
-        if not keep_alive and not self.pending and self.transport is not None:
+        if not keep_alive and not self.pending and self._refusal is None and self.transport is not None:
             self.transport.close()
         self.last_active = time.monotonic()
 
@@ -267,18 +501,49 @@ class _Connection(asyncio.Protocol):
         head.append(response.body)
         self.transport.write(b"".join(head))
 
-    def _refuse(self, status: int, message: str) -> None:
-        """Answer an unparseable or oversized request and close: the stream cannot be trusted."""
+    # -- refusals ------------------------------------------------------------------------
+    def _refuse(self, response: Response, kind: str) -> None:
+        """Answer an unparseable or over-limit request and close: the stream cannot be trusted.
+
+        Requests parsed before it are still answered first, in order.
+        """
+        self.server.counters[kind] += 1
         self._refused = True
-        self.keep_alive = False
-        if self.transport is not None and not self.busy:
-            self._write(Response.error(status, message), keep_alive=False)
-            self.transport.close()
-        elif self.transport is not None:
-            self.pending.clear()
-            self.transport.close()
+        self._refusal = response
+        self._release(self._reserved)
+        self._reserved = 0
+        self._body = []
+        self._unparsed = b""
+        if not self.busy and not self.pending and not self._write_paused:
+            self._send_refusal()
+
+    def _send_refusal(self) -> None:
+        transport = self.transport
+        response, self._refusal = self._refusal, None
+        if transport is None or response is None:
+            return
+        self._write(response, keep_alive=False)
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        # Lingering close: our side is shut (the client sees the answer, then
+        # EOF); what it still sends is read and dropped until it closes too,
+        # or for _LINGER_S at most.
+        transport.write_eof()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        self._linger = asyncio.get_running_loop().call_later(_LINGER_S, self.abort)
 
     # -- lifecycle ----------------------------------------------------------------------
+    def expire(self) -> None:
+        """Idle past the timeout: close, or drop outright one stuck on a client that stopped reading."""
+        transport = self.transport
+        if transport is not None and (self._write_paused or transport.is_closing()):
+            transport.abort()
+        else:
+            self.close_when_idle()
+
     def close_when_idle(self) -> None:
         self.keep_alive = False
         if not self.busy and not self.pending and self.transport is not None:
