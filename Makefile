@@ -38,9 +38,11 @@ run: bootstrap
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: bootstrap
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 # The KServe anchor pins its own dependency set: it gets a venv of its own.

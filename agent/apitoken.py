@@ -18,20 +18,13 @@ from pathlib import Path
 
 import structlog
 
-from agent import exitcodes
-from agent.errors import AgentError
+from agent.errors import TokenFileError
 
 TOKEN_FILE = "api-token"
 # 32 random bytes, URL-safe base64: 43 characters, fit for a header and a shell variable.
 TOKEN_BYTES = 32
 
 log = structlog.get_logger("edge_agent.api")
-
-
-class TokenFileError(AgentError):
-    """The token file exists but cannot be read or replaced."""
-
-    exit_code = exitcodes.CANTCREAT  # at start-up: the state directory is not usable as it is
 
 
 def token_path(state_dir: Path) -> Path:

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from agent.errors import CorruptBlob, NotFound
 from agent.fsmodes import PRIVATE_DIR, private_dirs, private_opener
@@ -59,7 +59,7 @@ class BlobWriter:
         if expected is not None:
             split_digest(expected)
             self.path = store.partial_path(expected)
-            mode = "r+b" if resume and self.path.exists() else "wb"
+            mode: Literal["r+b", "wb"] = "r+b" if resume and self.path.exists() else "wb"
             # 0600 like every file under the state directory (mkstemp below already is).
             self._fh: BinaryIO = open(self.path, mode, opener=private_opener)  # noqa: SIM115 - closed in commit/abort
             if mode == "r+b":

@@ -3,7 +3,8 @@
 Everything an agent touches lives under its state directory and every port
 comes from its config, so many agents can run in one process (the fleet
 simulator) — there is no module-level state. ``edge-agent run`` is
-``Agent(config).serve_forever()``.
+``Agent(config)``, then ``agent.wiring.attach_services(agent)`` (the optional
+parts, declared below, in start order), then ``serve_forever()``.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
 from agent import exitcodes
 from agent.cas import BlobStore
 from agent.config import Config
-from agent.errors import AgentError, CorruptBlob
+from agent.errors import AgentError, CorruptBlob, ListenError, StateDirError
 from agent.events import EventBus
 from agent.fsmodes import private_dirs, tighten_tree
 from agent.metrics import Metrics
@@ -30,16 +31,18 @@ from agent.repository import ModelRepository
 from agent.runtime import LoadSettings, WasmRuntime
 from agent.server.http import HttpServer
 from agent.server.oip import InferenceAPI
-from agent.server.repository_api import build_repository_api
 from agent.state import StateDB
 
-
-class StateDirError(AgentError):
-    exit_code = exitcodes.CANTCREAT
-
-
-class ListenError(AgentError):
-    exit_code = exitcodes.OSERR
+if TYPE_CHECKING:
+    # The optional parts' types only: agent/wiring.py builds them, and importing them
+    # here would load MQTT, watchdog and the rest for every agent and tool.
+    from agent.images.service import CacheControl, ImageService
+    from agent.inbox import InboxWatcher
+    from agent.k8s.watcher import KubeWatcher
+    from agent.lifecycle import Lifecycle
+    from agent.mqtt.channel import MqttChannel
+    from agent.sdnotify import SystemdNotifier
+    from agent.server.repository_api import RepositoryAPI
 
 
 class Service(Protocol):
@@ -100,9 +103,17 @@ class Agent:
             max_connections=config.max_connections,
             write_buffer_high_bytes=config.write_buffer_high_bytes,
         )
-        self.services: list[Service] = []
-        self.control: Any = None  # the reconciler's Control, set by the lifecycle layer
-        self.repository_api: Any = None  # the local control API, built in start() around self.control
+        self.services: list[Service] = []  # started in this order after the API listens, stopped in reverse
+        # The parts agent/wiring.py adds; each stays None while its subsystem is off (or, in a
+        # test, not built). The core above serves the stored models without any of them.
+        self.control: Lifecycle | None = None  # the reconciler: every front end drives it
+        self.repository_api: RepositoryAPI | None = None  # the local control API over control
+        self.puller: ImageService | None = None  # image pulls and drop-in imports
+        self.cache: CacheControl | None = None  # the image cache's gc / verify / size
+        self.inbox: InboxWatcher | None = None
+        self.k8s: KubeWatcher | None = None
+        self.mqtt: MqttChannel | None = None
+        self.sdnotify: SystemdNotifier | None = None
         self.address: tuple[str, int] | None = None
         self.started = False
         self.stopping = False
@@ -117,8 +128,6 @@ class Agent:
             for record in self.repository.seed_bundled():
                 self.log.info("seeded bundled model", model=record.model, version=record.version)
         await self.load_active()
-        # Before listening: the control API's token (made on the first start) must exist first.
-        self.repository_api = build_repository_api(self)
         host, port = self.config.host_port
         try:
             self.address = await self.http.listen(host, port)
@@ -174,7 +183,7 @@ class Agent:
         self.log.warning("instance replaced", model=model, version=version, reason=reason)
 
     def _extra_routes(self, request: Any, parts: list[str]) -> Any:
-        # The control API (agent/server/repository_api.py), built at start once a Control is attached.
+        # The control API (agent/server/repository_api.py), built by the wiring with the Control.
         api = self.repository_api
         return api.route(request, parts) if api is not None else None
 

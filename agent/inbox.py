@@ -34,13 +34,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from agent.control import Control
 from agent.errors import AgentError, BadRequest
+from agent.events import EventBus
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from agent.images.service import ImageService
 
 log = structlog.get_logger("edge_agent.inbox")
 
@@ -58,7 +64,7 @@ class InboxSettings:
     rescan_s: float = 30.0
 
     @classmethod
-    def from_config(cls, config: Any) -> InboxSettings:
+    def from_config(cls, config: Config) -> InboxSettings:
         from agent.config import section_values
 
         return cls(**section_values("inbox", config.section("inbox"), cls))
@@ -79,10 +85,20 @@ class _Wakeup(FileSystemEventHandler):
 class InboxWatcher:
     """A Service of the agent: start() begins watching, stop() ends it."""
 
-    def __init__(self, agent: Any, settings: InboxSettings):
-        self.agent = agent
+    def __init__(
+        self,
+        *,
+        settings: InboxSettings,
+        root: Path,
+        puller: ImageService | None,
+        control: Control,
+        events: EventBus,
+    ):
         self.settings = settings
-        self.root = Path(agent.config.state_dir) / "inbox"
+        self.root = root  # <state-dir>/inbox
+        self.puller = puller  # None when image pulls are off: every entry is refused, saying so
+        self.control = control
+        self.events = events
         self.refused_dir = self.root / REFUSED_DIR
         self._observer: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -157,11 +173,10 @@ class InboxWatcher:
         name = entry.name
         try:
             _check_shape(entry)
-            puller = getattr(self.agent, "puller", None)
-            if puller is None or not hasattr(puller, "import_layout"):
+            if self.puller is None:
                 raise BadRequest("image imports are not available on this agent")
-            record = await puller.import_layout(entry)
-            result = await self.agent.control.deploy(f"store:{record.model}:{record.version}", source="local")
+            record = await self.puller.import_layout(entry)
+            result = await self.control.deploy(f"store:{record.model}:{record.version}", source="local")
         except AgentError as exc:
             self._refuse(entry, str(exc))
             return
@@ -176,7 +191,7 @@ class InboxWatcher:
             return
         await asyncio.to_thread(_remove, entry)
         self.processed += 1
-        self.agent.events.publish(
+        self.events.publish(
             "inbox.imported", entry=name, model=record.model, version=record.version, digest=record.manifest_digest
         )
         log.info("drop-in image imported and deployed", entry=name, model=record.model, version=result["version"])
@@ -191,7 +206,7 @@ class InboxWatcher:
             moved_to = _move_aside(self.refused_dir, entry, reason)
         except Exception as exc:  # noqa: BLE001 - whatever it is, the refusal is still logged and published
             log.error("cannot move a refused drop-in entry aside", entry=entry.name, error=str(exc))
-        self.agent.events.publish("inbox.refused", entry=entry.name, error=reason)
+        self.events.publish("inbox.refused", entry=entry.name, error=reason)
         log.error("drop-in image refused", entry=entry.name, moved_to=moved_to, error=reason)
 
 
@@ -272,13 +287,3 @@ def _remove(entry: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             entry.unlink()
-
-
-def attach_inbox(agent: Any) -> InboxWatcher | None:
-    settings = InboxSettings.from_config(agent.config)
-    if not settings.enabled:
-        return None
-    watcher = InboxWatcher(agent, settings)
-    agent.inbox = watcher
-    agent.services.append(watcher)
-    return watcher

@@ -8,9 +8,12 @@ finishes its in-flight requests and stays warm for ``rollback_grace_s`` so a
 rollback is a route flip too; after that its instances and memory go.
 
 Every swap is journalled in the ``swaps`` table before it starts and when it
-ends, and ``models.active_version`` changes in the same transaction as the
-switch, so after a ``kill -9`` the node restarts on one whole version and the
-reconciler sees what was in flight.
+ends. The route flips in memory first; ``models.active_version`` is written
+right after, on a worker thread, with the journal entry's end (not in one
+transaction with the flip, which is no database write). A ``kill -9`` in
+between leaves the entry open and the old version recorded as active, which
+``recover`` resolves by abandoning the swap: the node restarts on one whole
+version and the reconciler sees what was in flight.
 """
 
 from __future__ import annotations
@@ -28,75 +31,58 @@ import structlog
 from agent.control import ModelDeployment
 from agent.desired import DesiredState
 from agent.errors import AgentError, BadRequest, InvalidValue, NotFound
+from agent.lifecycle_settings import LifecycleSettings
 from agent.models import Route
 from agent.runtime import LoadedModel
 from agent.state import VersionRecord
 
 if TYPE_CHECKING:
-    from agent.daemon import Agent
+    from concurrent.futures import Executor
+
+    from agent.events import EventBus
+    from agent.images.service import CacheControl, ImageService
+    from agent.metrics import Metrics
+    from agent.models import ModelManager
+    from agent.repository import ModelRepository
+    from agent.state import StateDB
 
 log = structlog.get_logger("edge_agent.lifecycle")
 
 
-class Unauthorized(AgentError):
-    http_status = 401
-
-
 class Lifecycle:
-    def __init__(self, agent: Agent, rollback_grace_s: float = 300.0, drain_timeout_s: float = 30.0):
-        self.agent = agent
-        self.models = agent.models
-        self.db = agent.db
-        self.repository = agent.repository
-        self.events = agent.events
+    def __init__(
+        self,
+        *,
+        models: ModelManager,
+        db: StateDB,
+        repository: ModelRepository,
+        events: EventBus,
+        metrics: Metrics,
+        executor: Executor,
+        node_status: Callable[[], dict[str, Any]],
+        puller: ImageService | None = None,
+        cache: CacheControl | None = None,
+        # The defaults are the [lifecycle] table's (agent/lifecycle_settings.py), kept in one place.
+        rollback_grace_s: float = LifecycleSettings.rollback_grace_s,
+        drain_timeout_s: float = LifecycleSettings.drain_timeout_s,
+    ):
+        self.models = models
+        self.db = db
+        self.repository = repository
+        self.events = events
+        self.metrics = metrics
+        self.executor = executor  # loads run here: the agent's worker pool
+        self.node_status = node_status  # the agent's own status(), which status() extends with desired state
+        # None when image pulls are off: only store: references resolve then, and cache commands are refused.
+        self.puller = puller
+        self.cache = cache
         self.rollback_grace_s = rollback_grace_s
         self.drain_timeout_s = drain_timeout_s
-        self.desired = DesiredState(agent.db)
+        self.desired = DesiredState(db)
         self._locks: dict[str, asyncio.Lock] = {}
         # Replaced versions kept warm for instant rollback: model -> (version, expiry task).
         self._retained: dict[str, tuple[LoadedModel, asyncio.Task[None]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
-        self._init_journal()
-
-    # -- journal -------------------------------------------------------------------
-    def _init_journal(self) -> None:
-        with self.db.lock:
-            if "swaps" not in self.db.db.table_names():
-                self.db.db["swaps"].create(
-                    {
-                        "id": int,
-                        "model": str,
-                        "from_version": str,
-                        "to_version": str,
-                        "source": str,
-                        "state": str,  # started | switched | failed | abandoned
-                        "error": str,
-                        "started_at": float,
-                        "ended_at": float,
-                    },
-                    pk="id",
-                )
-
-    def _journal_start(self, model: str, from_version: str | None, to_version: str, source: str) -> int:
-        with self.db.lock:
-            cursor = self.db.db.conn.execute(
-                "INSERT INTO swaps (model, from_version, to_version, source, state, started_at) "
-                "VALUES (?, ?, ?, ?, 'started', ?)",
-                (model, from_version, to_version, source, time.time()),
-            )
-            self.db.db.conn.commit()
-            return int(cursor.lastrowid or 0)
-
-    def _journal_end(self, swap_id: int, state: str, error: str | None = None) -> None:
-        with self.db.lock:
-            self.db.db.conn.execute(
-                "UPDATE swaps SET state = ?, error = ?, ended_at = ? WHERE id = ?", (state, error, time.time(), swap_id)
-            )
-            self.db.db.conn.commit()
-
-    def unfinished_swaps(self) -> list[dict[str, Any]]:
-        with self.db.lock:
-            return list(self.db.db["swaps"].rows_where("state = 'started'", order_by="id"))
 
     async def recover(self) -> None:
         """After a crash: close the journal entries a kill interrupted, then reconcile.
@@ -106,27 +92,27 @@ class Lifecycle:
         active, and the reconciler may then finish the swap its source still wants.
         """
         interrupted = []
-        for row in self.unfinished_swaps():
-            mrec = self.db.get_model(row["model"])
-            switched = mrec is not None and mrec.active_version == row["to_version"]
-            self._journal_end(row["id"], "switched" if switched else "abandoned", "interrupted by a restart")
+        for row in self.db.swaps.unfinished():
+            mrec = self.db.get_model(row.model)
+            switched = mrec is not None and mrec.active_version == row.to_version
+            self.db.swaps.end(row.id, "switched" if switched else "abandoned", "interrupted by a restart")
             interrupted.append((row, switched))
         await self._adopt_legacy_pins()
         await self.reconcile()
         for row, switched in interrupted:
-            route = self.models.routes.get(row["model"])
+            route = self.models.routes.get(row.model)
             serving = route.primary.version if route is not None else None
             if switched:
                 outcome = "it had switched before the restart"
-            elif serving == row["to_version"]:
+            elif serving == row.to_version:
                 outcome = "it had not switched; the restart served the old version and reconciliation finished it"
             else:
                 outcome = "it had not switched; the old version is kept"
             log.warning(
                 "swap interrupted by a restart",
-                model=row["model"],
-                from_version=row["from_version"],
-                to_version=row["to_version"],
+                model=row.model,
+                from_version=row.from_version,
+                to_version=row.to_version,
                 serving=serving,
                 outcome=outcome,
             )
@@ -167,7 +153,7 @@ class Lifecycle:
             from_version = current.primary.version if current else None
             # Bookkeeping writes run on a worker thread: a few SQLite statements cost a
             # millisecond or two, and on the event loop that would show in the serving p99.
-            swap_id = await asyncio.to_thread(self._journal_start, model, from_version, primary.version, source)
+            swap_id = await asyncio.to_thread(self.db.swaps.start, model, from_version, primary.version, source)
             loaded: list[tuple[LoadedModel, int]] = []
             newly_loaded: list[LoadedModel] = []
             # Every version this swap will route holds one hold for it, taken in the
@@ -223,7 +209,7 @@ class Lifecycle:
             # and the old version recorded as active, which recover() resolves by
             # abandoning the swap (the restarted node serves the old, whole version).
             await asyncio.to_thread(self._record_switch, swap_id, model, primary.version)
-            self.agent.metrics.swaps.labels(model).inc()
+            self.metrics.swaps.labels(model).inc()
             self.events.publish(
                 "model.swapped",
                 model=model,
@@ -249,7 +235,7 @@ class Lifecycle:
 
     async def _load(self, record: VersionRecord) -> LoadedModel:
         """``ModelManager.load`` on a worker; a swap cancelled meanwhile gives the hold back when it lands."""
-        job = self.agent.executor.submit(self.models.load, record)
+        job = self.executor.submit(self.models.load, record)
         try:
             return await asyncio.wrap_future(job)
         except asyncio.CancelledError:
@@ -263,12 +249,12 @@ class Lifecycle:
             raise
 
     def _record_failure(self, swap_id: int, model: str, version: str, error: str) -> None:
-        self._journal_end(swap_id, "failed", error)
+        self.db.swaps.end(swap_id, "failed", error)
         self.db.set_version_status(model, version, "failed", error)
 
     def _record_switch(self, swap_id: int, model: str, version: str) -> None:
         self.db.set_active(model, version)
-        self._journal_end(swap_id, "switched")
+        self.db.swaps.end(swap_id, "switched")
         self.db.set_version_status(model, version, "ready", None)
 
     def _warm_version(self, model: str, record: VersionRecord, current: dict[str, LoadedModel]) -> LoadedModel | None:
@@ -340,18 +326,16 @@ class Lifecycle:
             if model is not None and name != model:
                 raise BadRequest(f"reference {ref} names model {name}, not {model}")
             return self.repository.resolve(name, version or None)
-        puller = getattr(self.agent, "puller", None)
-        if puller is None:
+        if self.puller is None:
             raise BadRequest(f"cannot resolve {ref!r}: image pulls are not configured on this agent")
         raise BadRequest("remote references are resolved by deploy(), not resolve_ref()")
 
     async def _record_for(self, ref: str, model: str | None) -> VersionRecord:
         if ref.startswith("store:"):
             return self.resolve_ref(ref, model)
-        puller = getattr(self.agent, "puller", None)
-        if puller is None:
+        if self.puller is None:
             raise BadRequest(f"cannot pull {ref!r}: image pulls are not configured on this agent")
-        record: VersionRecord = await puller.pull(ref)
+        record: VersionRecord = await self.puller.pull(ref)
         if model is not None and record.model != model:
             raise BadRequest(f"image {ref} holds model {record.model}, not {model}")
         return record
@@ -382,7 +366,7 @@ class Lifecycle:
         wish = ModelDeployment(model=model, ref=f"store:{model}:{record.version}")
         await asyncio.to_thread(self.desired.put, source, wish)
         self._sync_pin_flag(model)
-        self.agent.metrics.rollbacks.labels(model).inc()
+        self.metrics.rollbacks.labels(model).inc()
         self.events.publish("model.rollback", model=model, version=record.version, source=source)
         return result
 
@@ -553,21 +537,19 @@ class Lifecycle:
             raise BadRequest(f"model {model} is pinned at version {held}; unpin it first")
 
     async def status(self) -> dict[str, Any]:
-        status = self.agent.status()
+        status = self.node_status()
         status["desired"] = {m: {"source": s, **d.to_dict()} for m, (s, d) in self.desired.effective().items()}
         return status
 
     async def cache_gc(self) -> dict[str, Any]:
-        cache = getattr(self.agent, "cache", None)
-        if cache is None:
+        if self.cache is None:
             raise BadRequest("cache management is not available on this agent")
-        return await asyncio.to_thread(cache.gc)
+        return await asyncio.to_thread(self.cache.gc)
 
     async def cache_verify(self) -> dict[str, Any]:
-        cache = getattr(self.agent, "cache", None)
-        if cache is None:
+        if self.cache is None:
             raise BadRequest("cache management is not available on this agent")
-        return await asyncio.to_thread(cache.verify)
+        return await asyncio.to_thread(self.cache.verify)
 
     async def set_config(self, changes: dict[str, Any]) -> dict[str, Any]:
         allowed = ("rollback_grace_s", "drain_timeout_s")
@@ -592,7 +574,7 @@ class Lifecycle:
 class LifecycleService:
     """Runs crash recovery and the first reconcile once the agent is up."""
 
-    def __init__(self, lifecycle: Lifecycle):
+    def __init__(self, *, lifecycle: Lifecycle):
         self.lifecycle = lifecycle
 
     async def start(self) -> None:
@@ -600,12 +582,3 @@ class LifecycleService:
 
     async def stop(self) -> None:
         await self.lifecycle.close()
-
-
-def attach_lifecycle(agent: Agent, rollback_grace_s: float | None = None) -> Lifecycle:
-    settings = agent.config.section("lifecycle")
-    grace = rollback_grace_s if rollback_grace_s is not None else float(settings.get("rollback_grace_s", 300))
-    lifecycle = Lifecycle(agent, rollback_grace_s=grace)
-    agent.control = lifecycle
-    agent.services.insert(0, LifecycleService(lifecycle))
-    return lifecycle

@@ -122,12 +122,13 @@ class ModelManager:
             if existing is not None and existing.record.digests == record.digests:
                 self._holds[id(existing)] += 1
                 return existing
+        hook = self._on_replace  # set once, in the constructor
         loaded = load_version(
             self.runtime,
             self.blobs,
             record,
             self.settings,
-            on_replace=(lambda why: self._on_replace(record.model, record.version, why)) if self._on_replace else None,
+            on_replace=(lambda why: hook(record.model, record.version, why)) if hook else None,
         )
         with self._lock:
             # A version replaced here (same name, other content) stays open for its

@@ -17,10 +17,15 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import structlog
+from structlog.typing import FilteringBoundLogger
+
+if TYPE_CHECKING:
+    from agent.events import EventBus
+    from agent.models import ModelManager
 
 log = structlog.get_logger("edge_agent.sdnotify")
 
@@ -107,28 +112,43 @@ def watchdog_interval(env: Mapping[str, str] | None = None, pid: int | None = No
 class SystemdNotifier:
     """Agent service: READY=1 once the agent serves, STATUS= on changes, STOPPING=1, WATCHDOG=1 from the loop.
 
-    Attach it last (:func:`attach_sdnotify`): the agent loads and warms its
+    Attach it last (``agent.wiring.attach_sdnotify``): the agent loads and warms its
     active models before it starts any service and starts services in the
     order they were attached, so by the time this one starts everything the
-    node serves is warm. READY=1 then waits for ``agent.started``, which the
-    agent sets right after its last service started, so a client that reacts
+    node serves is warm. READY=1 then waits for ``started()`` (the agent's
+    ``started``, set right after its last service started), so a client that reacts
     to ``systemctl start`` returning finds /v2/health/ready answering 200.
     Services stop in reverse order, so this one stops first and STOPPING=1
     goes out before the agent drains.
+
+    Without ``models`` (a notifier on its own, as in a test) nothing is announced
+    by itself: only the calls made on it are sent.
     """
 
     # Agent events that change what `systemctl status` should say.
     STATUS_EVENTS = ("model.swapped", "model.rollback", "model.unloaded", "model.broken")
 
-    def __init__(self, agent: Any = None, env: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        *,
+        env: Mapping[str, str] | None = None,
+        models: ModelManager | None = None,
+        events: EventBus | None = None,
+        started: Callable[[], bool] = lambda: True,
+        stopping: Callable[[], bool] = lambda: False,
+        log: FilteringBoundLogger | None = None,
+    ):
         env = os.environ if env is None else env
-        self.agent = agent
+        self.models = models  # what STATUS= says the node serves
+        self.events = events  # the swaps, rollbacks and breakages that change it
+        self.started = started  # the agent's readiness: READY=1 waits for it
+        self.is_stopping = stopping
         self.notifier = Notifier.from_env(env)
         self.interval = watchdog_interval(env) if self.notifier.enabled else None
         self._tasks: list[asyncio.Task[None]] = []
         self._queue: asyncio.Queue[Any] | None = None
         self._stopping_sent = False
-        self.log = getattr(agent, "log", None) or log
+        self.log = log if log is not None else structlog.get_logger("edge_agent.sdnotify")
         self.pings = 0
         self.ready_sent = False
 
@@ -142,10 +162,9 @@ class SystemdNotifier:
         if self.interval is not None:
             self._tasks.append(asyncio.create_task(self._watchdog(self.interval), name="sd-watchdog"))
             self.log.info("systemd watchdog pings started", interval_s=self.interval)
-        if self.agent is not None:
-            events = getattr(self.agent, "events", None)
-            self._queue = events.subscribe() if events is not None else None
-            self._tasks.append(asyncio.create_task(self._announce(), name="sd-status"))
+        if self.models is not None:
+            self._queue = self.events.subscribe() if self.events is not None else None
+            self._tasks.append(asyncio.create_task(self._announce(self.models), name="sd-status"))
 
     async def stop(self) -> None:
         """STOPPING=1 (if not sent yet), then stop pinging and close the socket."""
@@ -156,8 +175,8 @@ class SystemdNotifier:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        if self._queue is not None and self.agent is not None:
-            self.agent.events.unsubscribe(self._queue)
+        if self._queue is not None and self.events is not None:
+            self.events.unsubscribe(self._queue)
             self._queue = None
         self.notifier.close()
 
@@ -184,20 +203,19 @@ class SystemdNotifier:
         """Ask for more start-up (or stop) time, for a node with many models to warm."""
         return self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
 
-    async def _announce(self) -> None:
-        agent = self.agent
+    async def _announce(self, models: ModelManager) -> None:
         # Agent.start() sets `started` in the same step that started this
         # service, so this loop normally runs once; if start-up fails, the
         # agent is stopping and READY=1 is never sent.
-        while not agent.started:
-            if agent.stopping:
+        while not self.started():
+            if self.is_stopping():
                 return
             await asyncio.sleep(0.01)
-        self.ready(status=summary(agent))
+        self.ready(status=summary(models))
         while self._queue is not None:
             event = await self._queue.get()
-            if event.kind in self.STATUS_EVENTS and not agent.stopping:
-                self.status(summary(agent))
+            if event.kind in self.STATUS_EVENTS and not self.is_stopping():
+                self.status(summary(models))
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -206,30 +224,17 @@ class SystemdNotifier:
             await asyncio.sleep(interval)
 
 
-def summary(agent: Any) -> str:
+def summary(models: ModelManager) -> str:
     """One line for `systemctl status`: what the node serves and what is broken."""
-    routes = getattr(agent.models, "routes", {})
+    routes = models.routes
     serving = ", ".join(
         f"{name} {'+'.join(m.version for m in route.versions())}" for name, route in sorted(routes.items())
     )
     text = f"serving {len(routes)} model(s)" + (f": {serving}" if serving else "")
-    broken = getattr(agent.models, "broken", {})
+    broken = models.broken
     if broken:
         text += f"; broken: {', '.join(sorted(broken))}"
     return text
-
-
-def attach_sdnotify(agent: Any, env: Mapping[str, str] | None = None) -> SystemdNotifier | None:
-    """Register the systemd notifier on ``agent`` when it runs under systemd (NOTIFY_SOCKET set).
-
-    Must be the last service attached: see :class:`SystemdNotifier`.
-    """
-    notifier = SystemdNotifier(agent, env)
-    if not notifier.enabled:
-        return None
-    agent.services.append(notifier)
-    agent.sdnotify = notifier
-    return notifier
 
 
 def _one_line(text: str) -> str:

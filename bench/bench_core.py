@@ -33,11 +33,11 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from digits_onnx import build_onnx  # noqa: E402
 
+from agent.artefacts import read_stored  # noqa: E402
 from agent.cas import BlobStore  # noqa: E402
 from agent.repository import ModelRepository, bundled_model_dirs  # noqa: E402
 from agent.runtime import LoadSettings, WasmRuntime, load_version  # noqa: E402
 from agent.runtime.instance import ModelInstance  # noqa: E402
-from agent.runtime.loaded import read_artefacts  # noqa: E402
 from agent.state import StateDB  # noqa: E402
 
 DIGITS = next(d for d in bundled_model_dirs() if d.name == "digits")
@@ -73,7 +73,7 @@ def bench_cold_start(workdir: Path, trials: int) -> dict[str, float]:
     db = StateDB(workdir / "state" / "agent.db")
     repo = ModelRepository(blobs, db)
     record = repo.import_dir(DIGITS)
-    spec, wasm, params = read_artefacts(blobs, record)
+    spec, wasm, params = read_stored(blobs, record)
     runtime = WasmRuntime(workdir / "state" / "compiled")
     runtime.start()
     runtime.load_module(wasm, record.module_digest)  # populate the compile cache

@@ -56,11 +56,10 @@ from paho.mqtt.properties import Properties  # noqa: E402
 from agent.config import Config  # noqa: E402
 from agent.daemon import Agent  # noqa: E402
 from agent.images.signing import generate_keypair, load_private_key  # noqa: E402
-from agent.lifecycle import attach_lifecycle  # noqa: E402
-from agent.mqtt import attach_mqtt  # noqa: E402
 from agent.mqtt.commands import new_command, sign_command  # noqa: E402
 from agent.mqtt.outbox import Outbox  # noqa: E402
 from agent.mqtt.settings import MqttSettings  # noqa: E402
+from agent.wiring import attach_lifecycle, attach_mqtt  # noqa: E402
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 NODE = "bench-node"

@@ -71,18 +71,29 @@ def control_headers(state_dir: Path) -> dict[str, str]:
     return {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
 
 
+# A replaced version stays warm this long in test agents (the default is minutes).
+ROLLBACK_GRACE_S = 0.5
+
+
 class AgentThread:
-    """An in-process Agent running on its own event loop in a background thread."""
+    """An in-process Agent running on its own event loop in a background thread.
+
+    ``setup(agent)`` runs on the new agent before it starts: it may change the config
+    and attach subsystems, in the wiring's order (agent/wiring.py): images before the
+    lifecycle, the lifecycle before what drives it (``attach_lifecycle(agent,
+    rollback_grace_s=ROLLBACK_GRACE_S)`` then ``attach_mqtt(agent)``). An agent whose
+    setup attached no lifecycle gets one afterwards, with the short grace above.
+    """
 
     def __init__(self, config: Config, setup: Any = None):
         from agent.daemon import Agent
-        from agent.lifecycle import attach_lifecycle
+        from agent.wiring import attach_lifecycle
 
         self.loop = asyncio.new_event_loop()
         self.agent = Agent(config)
-        self.lifecycle = attach_lifecycle(self.agent, rollback_grace_s=0.5)
         if setup is not None:
             setup(self.agent)
+        self.lifecycle = self.agent.control or attach_lifecycle(self.agent, rollback_grace_s=ROLLBACK_GRACE_S)
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.call(self.agent.start())

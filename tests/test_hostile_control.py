@@ -183,8 +183,8 @@ class CountingListener:
 
 
 def test_api_deploy_pulls_only_from_trust_scopes(make_agent: Any, tmp_path: Path) -> None:
-    from agent.images.service import attach_images
     from agent.images.signing import generate_keypair
+    from agent.wiring import attach_images
 
     _, pub = generate_keypair(tmp_path / "release", None)
     untrusted = CountingListener()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ROLLBACK_GRACE_S
 from cryptography.hazmat.primitives.asymmetric import ec
 from mqtt_fixtures import (
     MOSQUITTO_PUB,
@@ -32,8 +33,8 @@ from mqtt_fixtures import (
     wait_until,
 )
 
-from agent.mqtt import attach_mqtt
 from agent.mqtt.commands import new_command, sign_command
+from agent.wiring import attach_lifecycle, attach_mqtt
 
 pytestmark = needs_mosquitto
 NODE = "n1"
@@ -62,6 +63,7 @@ def mqtt_agent(make_agent: Any, port: int, pub: Path, **mqtt: Any) -> Any:
             **mqtt,
         }
         agent.config.sections["telemetry"] = {"interval_s": 3600, "gpu": False}
+        attach_lifecycle(agent, rollback_grace_s=ROLLBACK_GRACE_S)
         attach_mqtt(agent)
 
     return make_agent(setup=setup, node_id=NODE)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from conftest import REPO, http
+from conftest import REPO, ROLLBACK_GRACE_S, http
 
 DIGITS = REPO / "agent" / "bundled" / "digits"
 GUARD_S = 60.0  # hang guard only: every wait below ends as soon as its condition holds
@@ -250,6 +250,7 @@ def test_metrics_scrape_parses_and_counts_pulls_and_drops(make_agent: Any, tmp_p
             "scopes": {"registry.example.com/models": ["release"]},
         }
         agent.config.sections["inbox"] = {"settle_s": 0.2, "rescan_s": 5.0}
+        agent.config.sections["lifecycle"] = {"rollback_grace_s": ROLLBACK_GRACE_S}  # as make_agent's own
         attach_services(agent)
 
     running = make_agent(setup=setup)

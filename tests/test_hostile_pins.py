@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import http
+from conftest import ROLLBACK_GRACE_S, http
 from modelkit import make_scale_model
 from mqtt_fixtures import Commander, Recorder, fleet_keypair, needs_mosquitto, running_broker, wait_until
 
 from agent.control import ModelDeployment
 from agent.errors import AgentError
-from agent.mqtt import attach_mqtt
+from agent.wiring import attach_lifecycle, attach_mqtt
 
 
 def x_request() -> dict[str, Any]:
@@ -98,9 +98,10 @@ def test_a_pin_from_an_older_database_is_kept_by_the_local_source(make_agent: An
     state = tmp_path / "state"
     first = make_agent(setup=lambda a: store_versions(a, tmp_path), seed_bundled=False, state_dir=state)
     first.stop()
-    # What an older agent left: no held_version column, and the pin as a bare flag.
+    # What an older agent left: schema version 1, no held_version column, and the pin as a bare flag.
     with sqlite3.connect(state / "agent.db") as db:
         db.execute("ALTER TABLE desired DROP COLUMN held_version")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
         db.execute("UPDATE models SET pinned = 1 WHERE name = 'scale'")
     agent = make_agent(seed_bundled=False, state_dir=state)
     assert agent.agent.db.get_model("scale").pinned is True
@@ -154,6 +155,7 @@ def test_set_desired_pinned_over_mqtt_is_applied(make_agent: Any, tmp_path: Path
             store_versions(agent, tmp_path)
             agent.config.sections["mqtt"] = {"host": "127.0.0.1", "port": broker.port, "fleet_keys": [str(pub)]}
             agent.config.sections["telemetry"] = {"interval_s": 3600, "gpu": False}
+            attach_lifecycle(agent, rollback_grace_s=ROLLBACK_GRACE_S)
             attach_mqtt(agent)
 
         recorder = Recorder(broker, ["edge/nodes/+/state"])

@@ -19,10 +19,10 @@ import wasmtime
 from conftest import http
 from modelkit import SCALE_WAT, make_scale_model
 
+from agent.artefacts import Artefacts, check_module_file
 from agent.cas import BlobStore, sha256_digest
 from agent.errors import InferenceTimeout, InvalidModel, ModelError
-from agent.images.admit import check_module_file
-from agent.repository import Artefacts, ModelRepository
+from agent.repository import ModelRepository
 from agent.runtime import LoadSettings, WasmRuntime, load_version
 from agent.spec import ModelSpec
 from agent.state import StateDB

@@ -38,7 +38,7 @@ from agent.images.errors import ImageRefused, LayoutError, SignatureError
 from agent.images.layout import OciLayout, build_from_dir, build_image, open_layout
 from agent.images.push import push_layout, sign_layout
 from agent.images.reference import signature_tag
-from agent.images.service import attach_images
+from agent.wiring import attach_images
 
 SCOPE = "reg.example/models"
 IDENTITY = f"{SCOPE}/scale"

@@ -35,7 +35,7 @@ from agent.images.manifest import Descriptor, build_manifest
 from agent.images.push import push_layout, sign_image
 from agent.images.reference import signature_tag
 from agent.images.registry import RegistryClient
-from agent.images.service import attach_images
+from agent.wiring import attach_images
 
 pytestmark = needs_registry
 

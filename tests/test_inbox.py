@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import http
+from tests.conftest import ROLLBACK_GRACE_S, http
 
 DIGITS = Path(__file__).resolve().parent.parent / "agent" / "bundled" / "digits"
 
@@ -37,6 +37,7 @@ def with_inbox(extra: dict[str, Any] | None = None) -> Callable[[Any], None]:
         from agent.wiring import attach_services
 
         agent.config.sections["inbox"] = {"settle_s": 0.2, "rescan_s": 5.0}
+        agent.config.sections["lifecycle"] = {"rollback_grace_s": ROLLBACK_GRACE_S}  # as make_agent's own
         agent.config.sections.update(extra or {})
         attach_services(agent)
 

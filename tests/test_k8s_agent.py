@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AgentThread, http
+from conftest import ROLLBACK_GRACE_S, AgentThread, http
 from k8s_fake import FakeKube
 from modelkit import make_scale_model
 
 from agent.config import Config
 from agent.errors import AgentError
-from agent.k8s import attach_k8s
+from agent.wiring import attach_k8s, attach_lifecycle
 
 EDGE = {"node-role.kubernetes.io/edge": "true"}
 
@@ -59,8 +59,20 @@ def fake() -> Iterator[FakeKube]:
     server.stop()
 
 
+class StorePuller:
+    """Stands in for image pulls (agent/images/service.py's ImageService): every image holds scale 2, stored."""
+
+    def __init__(self) -> None:
+        self.pulls: list[str] = []
+        self.db: Any = None
+
+    async def pull(self, ref: str) -> Any:
+        self.pulls.append(ref)
+        return self.db.get_version("scale", "2")
+
+
 @pytest.fixture
-def start_agent(tmp_path: Path, fake: FakeKube) -> Iterator[Callable[[], AgentThread]]:
+def start_agent(tmp_path: Path, fake: FakeKube) -> Iterator[Callable[..., AgentThread]]:
     """Starts agents on one state directory; the first one imports scale 1 and 2 and serves 1."""
     agents: list[AgentThread] = []
     env = {
@@ -74,14 +86,18 @@ def start_agent(tmp_path: Path, fake: FakeKube) -> Iterator[Callable[[], AgentTh
         "EDGE_AGENT_K8S__BACKOFF_MAX_S": "0.3",
     }
 
-    def setup(agent: Any) -> None:
-        if not agents:
-            agent.repository.import_dir(make_scale_model(tmp_path / "v1", version="1", scale=(1, 1, 1, 1)))
-            agent.repository.import_dir(make_scale_model(tmp_path / "v2", version="2", scale=(2, 2, 2, 2)))
-            agent.db.set_active("scale", "1")
-        attach_k8s(agent, env={})
+    def factory(puller: StorePuller | None = None) -> AgentThread:
+        def setup(agent: Any) -> None:
+            if not agents:
+                agent.repository.import_dir(make_scale_model(tmp_path / "v1", version="1", scale=(1, 1, 1, 1)))
+                agent.repository.import_dir(make_scale_model(tmp_path / "v2", version="2", scale=(2, 2, 2, 2)))
+                agent.db.set_active("scale", "1")
+            if puller is not None:
+                puller.db = agent.db
+                agent.puller = puller  # before the lifecycle, which pulls through it
+            attach_lifecycle(agent, rollback_grace_s=ROLLBACK_GRACE_S)
+            attach_k8s(agent, env={})
 
-    def factory() -> AgentThread:
         overrides = {"state_dir": tmp_path / "state", "listen": "127.0.0.1:0", "log_level": "warning"}
         config = Config.load(env=env, overrides={**overrides, "seed_bundled": False})
         agent = AgentThread(config, setup)
@@ -176,3 +192,19 @@ def test_spec_pinned_pins_the_model_on_the_node_and_an_edit_moves_it(
     eventually(lambda: agent.agent.db.get_model("scale").pinned, what="pinned again")
     entry = eventually(lambda: (fake.node_status("scale") or {}).get("version") == "1" and fake.node_status("scale"))
     assert entry["lastError"] == ""
+
+
+def test_a_canary_split_pulls_its_image_once_through_the_reconciler(
+    fake: FakeKube, start_agent: Callable[..., AgentThread]
+) -> None:
+    """The image a split's resource names is pulled by the reconciler before it routes, and only by it."""
+    image = "registry.local/models/scale@sha256:" + "cd" * 32
+    traffic = [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]
+    fake.create("scale", {"model": "scale", "image": image, "traffic": traffic})
+    puller = StorePuller()
+    agent = start_agent(puller)
+    routes = agent.agent.models.routes
+    eventually(lambda: {m.version for m in routes["scale"].versions()} == {"1", "2"}, what="the split routed")
+    entry = eventually(lambda: fake.node_status("scale"), what="status entry")
+    assert entry["lastError"] == ""
+    assert puller.pulls == [image], "pulled once, by the reconciler"

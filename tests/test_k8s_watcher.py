@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -34,6 +34,7 @@ class RecordingControl:
         self.desired: dict[str, dict[str, ModelDeployment]] = {}
         self.models: dict[str, dict[str, Any]] = {}
         self.failing: dict[str, str] = {}  # ref -> error
+        self.unpullable: dict[str, str] = {}  # ref -> error: the reconciler's pull fails, before any swap
         self.pins: list[tuple[str, bool, str]] = []
         self.held: set[str] = set()  # models the reconciler reports as held by a pin
 
@@ -42,6 +43,9 @@ class RecordingControl:
         self.desired[source] = {d.model: d for d in deployments}
         results: dict[str, Any] = {}
         for dep in deployments:
+            if dep.ref in self.unpullable:
+                results[dep.model] = {"error": self.unpullable[dep.ref]}  # as the reconciler: no swap, no event
+                continue
             if dep.ref in self.failing:
                 error = self.failing[dep.ref]
                 self.bus.publish("model.swap_failed", model=dep.model, version=version_of(dep.ref), error=error)
@@ -149,24 +153,29 @@ def fake() -> Any:
     server.stop()
 
 
+@dataclass
+class Watching:
+    watcher: KubeWatcher
+    control: RecordingControl
+    bus: EventBus
+
+
 @contextlib.asynccontextmanager
 async def watching(
     fake: FakeKube,
     control: RecordingControl | None = None,
     bus: EventBus | None = None,
-    puller: Any = None,
     **overrides: Any,
-) -> AsyncIterator[SimpleNamespace]:
+) -> AsyncIterator[Watching]:
     bus = bus or EventBus()
     control = control or RecordingControl(bus)
-    agent = SimpleNamespace(
-        events=bus, control=control, log=structlog.get_logger("test"), config=None, db=None, puller=puller
-    )
     table = {"enabled": True, "mode": "url", "url": fake.url, "node_name": "edge-1", **FAST, **overrides}
-    watcher = KubeWatcher(agent, KubeSettings.from_table(table))
+    watcher = KubeWatcher(
+        settings=KubeSettings.from_table(table), control=control, events=bus, log=structlog.get_logger("test")
+    )
     await watcher.start()
     try:
-        yield SimpleNamespace(watcher=watcher, control=control, bus=bus, agent=agent)
+        yield Watching(watcher=watcher, control=control, bus=bus)
     finally:
         await watcher.stop()
 
@@ -518,8 +527,12 @@ def test_disabled_integration_drops_the_desired_state_kubernetes_left() -> None:
         await control.set_desired("k8s", [ModelDeployment("alpha", "r/alpha:1")])
         await control.set_desired("local", [ModelDeployment("beta", "store:beta:1")])
         control.calls.clear()
-        agent = SimpleNamespace(events=bus, control=control, log=structlog.get_logger("test"))
-        watcher = KubeWatcher(agent, KubeSettings.from_table({"enabled": False}))
+        watcher = KubeWatcher(
+            settings=KubeSettings.from_table({"enabled": False}),
+            control=control,
+            events=bus,
+            log=structlog.get_logger("test"),
+        )
         await watcher.start()
         await watcher.stop()
         # A second start finds nothing left and leaves everything alone.
@@ -590,34 +603,38 @@ def test_a_model_that_failed_is_retried_with_backoff_until_it_is_served(fake: Fa
     run(scenario())
 
 
-def test_a_canary_split_pulls_the_resources_image_before_routing(fake: FakeKube) -> None:
+def test_a_canary_split_goes_to_the_reconciler_with_its_image_and_a_failed_pull_is_reported(fake: FakeKube) -> None:
+    """The reconciler pulls a split's image (once, before routing it); the watcher pulls nothing itself.
+
+    A pull that fails is that model's result from the reconciler: the resource's status
+    and a Warning Event say so, and the model is retried like any other failure.
+    """
     image = "registry.local/models/alpha@sha256:" + "ab" * 32
     fake.create(
         "alpha",
         {"model": "alpha", "image": image, "traffic": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]},
     )
-    order: list[str] = []
-
-    class Puller:
-        async def pull(self, ref: str) -> None:
-            order.append(f"pull {ref}")
 
     async def scenario() -> None:
         bus = EventBus()
         control = RecordingControl(bus)
-        original = control.set_desired
-
-        async def set_desired(source: str, deployments: list[ModelDeployment]) -> dict[str, Any]:
-            order.append("set_desired")
-            return await original(source, deployments)
-
-        control.set_desired = set_desired  # type: ignore[method-assign]
-        async with watching(fake, control=control, bus=bus, puller=Puller()):
-            await wait_until(lambda: control.calls)
-            assert control.calls[-1][1][0].traffic == {"1": 90, "2": 10}
+        control.unpullable[image] = f"cannot pull {image}: registry unreachable"
+        async with watching(fake, control=control, bus=bus, retry_initial_s=0.1, retry_max_s=0.4):
+            await wait_until(
+                lambda: "registry unreachable" in (fake.node_status("alpha") or {}).get("lastError", ""),
+                what="the failed pull in the resource's status",
+            )
+            sent = control.calls[0][1][0]
+            assert sent.ref == image and sent.traffic == {"1": 90, "2": 10}
+            await wait_until(
+                lambda: [e for e in fake.events if e["reason"] == "ReconcileFailed"], what="a Warning Event"
+            )
+            # The registry comes back: the retry brings the split about.
+            del control.unpullable[image]
+            await wait_until(lambda: (fake.node_status("alpha") or {}).get("lastError") == "", what="served")
+            assert all(deps == control.calls[0][1] for _, deps in control.calls), "the same set, again"
 
     run(scenario())
-    assert order[:2] == [f"pull {image}", "set_desired"]
 
 
 def test_each_watcher_has_its_own_client_configuration(fake: FakeKube) -> None:
@@ -629,7 +646,7 @@ def test_each_watcher_has_its_own_client_configuration(fake: FakeKube) -> None:
     async def scenario() -> None:
         async with watching(fake) as h:
             await wait_until(lambda: fake.node_status("alpha"))
-            h.agent.events.publish("model.swapped", model="alpha", version="1.1", previous="1.0", source="k8s")
+            h.bus.publish("model.swapped", model="alpha", version="1.1", previous="1.0", source="k8s")
             await wait_until(lambda: fake.events, what="an Event posted")
 
     run(scenario())

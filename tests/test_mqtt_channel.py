@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import http
+from conftest import ROLLBACK_GRACE_S, http
 from cryptography.hazmat.primitives.asymmetric import ec
 from modelkit import make_scale_model
 from mqtt_fixtures import (
@@ -38,8 +38,8 @@ from mqtt_fixtures import (
     wait_until,
 )
 
-from agent.mqtt import attach_mqtt
 from agent.mqtt.commands import new_command, sign_command
+from agent.wiring import attach_lifecycle, attach_mqtt
 
 pytestmark = needs_mosquitto
 NODE = "n1"
@@ -80,6 +80,7 @@ def mqtt_agent(
         agent.config.sections["telemetry"] = {"interval_s": telemetry_s, "gpu": False}
         if before is not None:
             before(agent)
+        attach_lifecycle(agent, rollback_grace_s=ROLLBACK_GRACE_S)
         attach_mqtt(agent)
 
     return make_agent(setup=setup, node_id=node)

@@ -205,9 +205,7 @@ def test_kill_9_in_the_middle_of_a_swap_restarts_on_a_whole_version(agent_proces
     def swap_started() -> bool:
         db = StateDB(state / "agent.db")
         try:
-            if "swaps" not in db.db.table_names():
-                return False
-            return db.db.execute("select count(*) from swaps where state = 'started'").fetchone()[0] > 0
+            return len(db.swaps.unfinished()) > 0
         finally:
             db.close()
 
@@ -231,7 +229,7 @@ def test_kill_9_in_the_middle_of_a_swap_restarts_on_a_whole_version(agent_proces
     assert versions == {"2"}  # the recorded desired state was v2: the reconciler finished the swap
 
     db = StateDB(state / "agent.db")
-    states = [r[0] for r in db.db.execute("select state from swaps order by id")]
+    states = [entry.state for entry in db.swaps.entries()]
     db.close()
     assert "started" not in states and "abandoned" in states and states[-1] == "switched"
     # The log tells what really happened: not "old version kept" while v2 is what serves.

@@ -273,7 +273,7 @@ def test_edge_agent_run_notifies_ready_once_warm_pings_and_says_stopping(
 def test_agent_without_notify_socket_attaches_no_notifier(tmp_path: Path) -> None:
     from agent.config import Config
     from agent.daemon import Agent
-    from agent.sdnotify import attach_sdnotify
+    from agent.wiring import attach_sdnotify
 
     agent = Agent(Config.load(env={}, overrides={"state_dir": tmp_path / "state", "seed_bundled": False}))
     try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -81,7 +83,8 @@ def test_clean_tmp_keeps_resumable_partials(tmp_path: Path):
 
 def test_state_records_versions_and_the_active_one(tmp_path: Path):
     db = StateDB(tmp_path / "agent.db")
-    assert db.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with contextlib.closing(sqlite3.connect(tmp_path / "agent.db")) as raw:  # WAL is a property of the file
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     d = [sha256_digest(bytes([i])) for i in range(3)]
     db.add_version("m", "1", *d, source="test")
     db.add_version("m", "2", *d, source="test")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import http
+from conftest import ROLLBACK_GRACE_S, http
 
 from agent.metrics import LATENCY_BUCKETS, Metrics
 from agent.telemetry.gpu import GpuProbe
@@ -56,10 +56,10 @@ def test_cpu_percent_between_snapshots() -> None:
 
 def test_node_gauges_count_the_cache_and_loaded_versions(make_agent: Any) -> None:
     agent = make_agent().agent
-    serving = node_gauges(agent, agent.metrics)
+    serving = node_gauges(agent.models, agent.metrics, cache=agent.cache, blobs=agent.blobs)
     assert serving == [("digits", "1")]
     stored = sum(agent.blobs.size(d) for d in agent.blobs.digests())
-    assert stored > 10_000 and cache_used_bytes(agent) == stored
+    assert stored > 10_000 and cache_used_bytes(agent.cache, agent.blobs) == stored
     snap = agent.metrics.snapshot()
     assert snap["edge_agent_cache_bytes"][0]["value"] == stored
     assert snap["edge_agent_loaded_versions"][0]["value"] == 1
@@ -221,13 +221,25 @@ def test_metrics_endpoint_and_telemetry_agree_after_requests(make_agent: Any, tm
     from agent.mqtt.channel import MqttChannel
     from agent.mqtt.settings import MqttSettings
     from agent.telemetry.settings import TelemetrySettings
+    from agent.wiring import attach_lifecycle
 
     # A channel that is never started: snapshot() alone is what the telemetry clock publishes.
     holder: dict[str, Any] = {}
 
     def setup(agent: Any) -> None:
+        control = attach_lifecycle(agent, rollback_grace_s=ROLLBACK_GRACE_S)
         holder["channel"] = MqttChannel(
-            agent, MqttSettings.from_mapping({"host": "127.0.0.1"}), TelemetrySettings(), GpuProbe(enabled=False)
+            settings=MqttSettings.from_mapping({"host": "127.0.0.1"}),
+            telemetry=TelemetrySettings(),
+            node_id=agent.config.node_id,
+            state_dir=agent.config.state_dir,
+            control=control,
+            events=agent.events,
+            metrics=agent.metrics,
+            models=agent.models,
+            blobs=agent.blobs,
+            cache=agent.cache,
+            gpu=GpuProbe(enabled=False),
         )
 
     running = make_agent(setup=setup)

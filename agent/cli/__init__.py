@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from agent import __version__, exitcodes
+from agent import __version__
 from agent.cli import core, images, lifecycle
 from agent.errors import AgentError, ConfigError
 
@@ -30,11 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        core.report_error(f"configuration error: {exc}", logged_as=str(exc))
-        return exitcodes.CONFIG
     except AgentError as exc:
-        core.report_error(str(exc), logged_as=str(exc))  # once: not again when a log line said it
-        return getattr(exc, "exit_code", exitcodes.FAILURE)
+        # Once: not again when a log line said it. The exit code is the error's own (agent/errors.py).
+        prefix = "configuration error: " if isinstance(exc, ConfigError) else ""
+        core.report_error(f"{prefix}{exc}", logged_as=str(exc))
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130

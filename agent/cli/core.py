@@ -15,7 +15,7 @@ import numpy as np
 
 from agent import apitoken, exitcodes, logs
 from agent.config import Config
-from agent.errors import AgentError
+from agent.errors import AgentError, ClientError, TokenFileError
 
 
 def report_error(message: str, logged_as: str | None = None) -> None:
@@ -28,12 +28,6 @@ def report_error(message: str, logged_as: str | None = None) -> None:
     if logged_as is not None and logs.already_logged(logged_as):
         return
     logs.print_error(f"edge-agent: {message}")
-
-
-class ClientError(AgentError):
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def add_config_options(parser: argparse.ArgumentParser, listen: bool = True) -> None:
@@ -331,7 +325,7 @@ def control_token(args: argparse.Namespace) -> Token:
     path = apitoken.token_path(config.state_dir)
     try:
         value = apitoken.read_token(config.state_dir)
-    except apitoken.TokenFileError as exc:
+    except TokenFileError as exc:
         return Token(None, str(exc))
     return Token(value, str(path) if value else f"none: no --token, no api_token, and no {path}")
 

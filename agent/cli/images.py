@@ -215,8 +215,8 @@ def _mb(n: int) -> str:
 def cmd_build(args: argparse.Namespace) -> int:
     import tempfile
 
+    from agent.artefacts import read_model_spec
     from agent.images.layout import build_from_dir, write_tar
-    from agent.spec import ModelSpec
 
     directory = Path(args.directory)
     if not directory.is_dir():
@@ -224,12 +224,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         return exitcodes.NOINPUT
     output = Path(args.output) if args.output else None
     if output is None and not args.tar:
-        spec = (
-            ModelSpec.from_bytes((directory / "model.json").read_bytes())
-            if (directory / "model.json").is_file()
-            else None
-        )
-        output = Path(f"{spec.name}-{spec.version}.oci") if spec else Path(f"{directory.name}.oci")
+        # Read as build_from_dir reads it (size cap, no link followed): a model.json it would
+        # refuse is refused here, with the same error, before anything is written.
+        named = read_model_spec(directory)
+        output = Path(f"{named.name}-{named.version}.oci")
     with tempfile.TemporaryDirectory(prefix="edge-agent-build-") as tmp:
         layout_dir = output if output is not None else Path(tmp) / "layout"
         built = build_from_dir(directory, layout_dir, args.name)

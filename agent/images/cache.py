@@ -23,10 +23,6 @@ from agent.images.locks import Locks
 from agent.images.settings import CacheSettings
 from agent.state import StateDB, VersionRecord
 
-# Recency is per version, not per blob: a module shared by every version would otherwise
-# make them all look as recently used as the newest one.
-TABLE = "version_access"
-
 VersionKey = tuple[str, str]
 
 
@@ -86,25 +82,17 @@ class ImageCache:
         self.in_use = in_use
         self.locks = Locks(blobs.root)
         self.log = structlog.get_logger("edge_agent.images")
-        with db.lock:
-            if TABLE not in db.db.table_names():
-                db.db[TABLE].create({"model": str, "version": str, "last_used": float}, pk=("model", "version"))
 
     # -- recency -----------------------------------------------------------------------------
+    # Recency is per version (agent.db's version_access table), not per blob: a module shared
+    # by every version would otherwise make them all look as recently used as the newest one.
     def touch_version(self, record: VersionRecord, when: float | None = None) -> None:
         """Mark a version as just used (pulled, imported, switched to); eviction goes least recent first."""
-        now = time.time() if when is None else when
-        with self.db.lock:
-            self.db.db[TABLE].upsert(
-                {"model": record.model, "version": record.version, "last_used": now}, pk=("model", "version")
-            )
+        self.db.version_access.touch(record.model, record.version, time.time() if when is None else when)
 
     def last_used(self, record: VersionRecord) -> float:
-        with self.db.lock:
-            row = self.db.db.execute(
-                f"select last_used from {TABLE} where model = ? and version = ?", [record.model, record.version]
-            ).fetchone()
-        return row[0] if row and row[0] is not None else record.created_at
+        used = self.db.version_access.last_used(record.model, record.version)
+        return record.created_at if used is None else used
 
     # -- what must stay ------------------------------------------------------------------------
     def protected(self) -> set[VersionKey]:
@@ -200,8 +188,7 @@ class ImageCache:
 
     def _drop_version(self, record: VersionRecord) -> int:
         self.db.delete_version(record.model, record.version)
-        with self.db.lock:
-            self.db.db[TABLE].delete_where("model = ? and version = ?", [record.model, record.version])
+        self.db.version_access.forget(record.model, record.version)
         still_needed = self.db.referenced_digests()
         freed = 0
         for digest in {*record.digests, record.manifest_digest}:
@@ -212,11 +199,7 @@ class ImageCache:
 
     def _forget_access(self) -> None:
         """Drop recency rows of versions that no longer exist."""
-        with self.db.lock, self.db.db.conn:  # the connection as a context manager commits
-            self.db.db.execute(
-                f"delete from {TABLE} where not exists (select 1 from versions v "
-                f"where v.model = {TABLE}.model and v.version = {TABLE}.version)"
-            )
+        self.db.version_access.forget_missing_versions()
 
     def _mtime(self, digest: str) -> float:
         try:

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, cast
 
+from agent.artefacts import file_kind, read_model_dir, validate
 from agent.cas import CHUNK, sha256_digest, split_digest
-from agent.errors import InvalidModel
 from agent.images import mediatypes as mt
 from agent.images.errors import LayoutError
 from agent.images.manifest import Descriptor, ModelManifest, build_manifest, encode, parse_model_manifest
@@ -285,25 +285,17 @@ class BuiltImage:
 
 
 def build_from_dir(model_dir: Path, layout_dir: Path, name: str | None = None) -> BuiltImage:
-    """Check a model directory as an import would, then write it into a layout as one image."""
-    model_dir = Path(model_dir)
-    meta = model_dir / "model.json"
-    if not meta.is_file():
-        raise InvalidModel(f"{model_dir} has no model.json")
-    config = meta.read_bytes()
-    spec = ModelSpec.from_bytes(config)
-    module_path, weights_path = model_dir / spec.module_file, model_dir / spec.weights_file
-    for kind, path in (("module", module_path), ("weights", weights_path)):
-        if not path.is_file():
-            raise InvalidModel(f"{model_dir} lacks {path.name} (the model's {kind})")
-    with open(module_path, "rb") as fh:
-        if fh.read(4) != b"\0asm":
-            raise InvalidModel(f"{spec.name}:{spec.version}: {module_path.name} is not a WebAssembly binary")
-    from agent.runtime.loaded import parse_weights  # the runtime's own check, so build and import agree
+    """Judge a model directory as an import does (``agent.artefacts``), then write it into a layout as one image.
 
-    parse_weights(spec, weights_path.read_bytes())
-    built = build_image(layout_dir, config, module_path, weights_path, name or spec.version, spec)
-    return built
+    What is written is the bytes that were judged, not the files read a second time.
+    """
+    artefacts = read_model_dir(model_dir)
+    spec = validate(artefacts)
+    layout = OciLayout(layout_dir)
+    layout.init()
+    module_desc = layout.put_bytes(artefacts.module, mt.WASM_MODULE, {mt.TITLE: MODULE_TITLE})
+    weights_desc = layout.put_bytes(artefacts.weights, mt.WEIGHTS, {mt.TITLE: WEIGHTS_TITLE})
+    return _write_image(layout, artefacts.config, module_desc, weights_desc, name or spec.version, spec)
 
 
 def build_image(
@@ -317,9 +309,21 @@ def build_image(
     """Write an image from its parts without judging them (tests build bad images with this)."""
     layout = OciLayout(layout_dir)
     layout.init()
-    config_desc = layout.put_bytes(config, mt.MODEL_CONFIG)
     module_desc = layout.put_file(module_path, mt.WASM_MODULE, {mt.TITLE: MODULE_TITLE})
     weights_desc = layout.put_file(weights_path, mt.WEIGHTS, {mt.TITLE: WEIGHTS_TITLE})
+    return _write_image(layout, config, module_desc, weights_desc, name, spec)
+
+
+def _write_image(
+    layout: OciLayout,
+    config: bytes,
+    module_desc: Descriptor,
+    weights_desc: Descriptor,
+    name: str | None,
+    spec: ModelSpec | None,
+) -> BuiltImage:
+    """The config, the manifest over the two layers already in ``layout``, and its index.json entry."""
+    config_desc = layout.put_bytes(config, mt.MODEL_CONFIG)
     annotations: dict[str, str] = {}
     if spec is not None:
         annotations = {
@@ -386,7 +390,8 @@ class TarLayout(OciLayout):
         if member is None:
             raise FileNotFoundError(rel)
         fh = self._tar.extractfile(member)
-        if fh is None:  # pragma: no cover - only regular files are kept
+        # A regular member's stream is an ExFileObject, a BufferedReader (typed only as IO[bytes]).
+        if not isinstance(fh, io.BufferedReader):  # pragma: no cover - only regular files are kept
             raise FileNotFoundError(rel)
         return fh, member.size
 
@@ -416,7 +421,7 @@ def open_layout(path: Path) -> Iterator[OciLayout]:
             yield layout
             return
         if not stat.S_ISREG(mode):
-            raise LayoutError(f"{path} is not a regular file or a directory ({_kind(mode)}); refused")
+            raise LayoutError(f"{path} is not a regular file or a directory ({file_kind(mode)}); refused")
         with _open_tar(path, os.fdopen(os.dup(fd), "rb")) as layout:
             yield layout
     finally:
@@ -508,7 +513,7 @@ def _open_regular(root: Path, root_fd: int | None, rel: str) -> int:
             fd = next_fd
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise LayoutError(f"{root / rel} is not a regular file ({_kind(mode)}); refused")
+            raise LayoutError(f"{root / rel} is not a regular file ({file_kind(mode)}); refused")
     except BaseException:
         os.close(fd)
         raise
@@ -526,23 +531,8 @@ def _refusal(path: Path, exc: OSError, parent_fd: int | None = None, name: str |
             return f"{path} is a symbolic link; a layout is read only through its own regular files, links are refused"
         if st is not None:
             want = "a regular file" if last else "a directory"
-            return f"{path} is {_kind(st.st_mode)}, not {want}; refused"
+            return f"{path} is {file_kind(st.st_mode)}, not {want}; refused"
     return f"cannot read {path}: {exc.strerror or exc}"
-
-
-def _kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISREG, "a regular file"),
-    ):
-        if test(mode):
-            return kind
-    return "an unknown file type"
 
 
 def _some(names: list[str], limit: int = 10) -> str:

@@ -50,10 +50,15 @@ class Store(Protocol):
 
     (The CLI passes the two alone: importing the repository would load the wasm runtime,
     a tenth of a second a pull does not need.)
+
+    Read-only properties: the puller never rebinds them, and a frozen ``LocalStore`` qualifies.
     """
 
-    blobs: BlobStore
-    db: StateDB
+    @property
+    def blobs(self) -> BlobStore: ...
+
+    @property
+    def db(self) -> StateDB: ...
 
 
 @dataclass

@@ -13,7 +13,7 @@ import http.client
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 from urllib.parse import urlencode, urljoin
 
 from agent.cas import BlobStore, sha256_digest
@@ -28,11 +28,14 @@ from agent.images.transport import Response, Transport
 READ_BLOCK = 1 << 20
 
 
-class ProgressSink:
-    """What a blob download reports to: bytes as they arrive (see agent.images.progress)."""
+class ProgressSink(Protocol):
+    """What a blob download reports to: bytes as they arrive (see agent.images.progress).
 
-    def advance(self, n: int) -> None:  # pragma: no cover - interface
-        pass
+    A Protocol, not a base class: any ``agent.images.progress.Progress`` is one,
+    without inheriting from it.
+    """
+
+    def advance(self, n: int) -> None: ...
 
 
 @dataclass

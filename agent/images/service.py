@@ -1,14 +1,13 @@
-"""The images subsystem as the daemon uses it: ``agent.puller`` and ``agent.cache``.
+"""The images subsystem as the daemon uses it: ``Agent.puller`` and ``Agent.cache``.
 
-``attach_images(agent)`` builds the puller from the agent's config, store and
-event bus and registers it where the other layers look for it:
+``agent.wiring.attach_images`` builds both from the agent's config, store and
+event bus, and hands them to the parts that use them:
 
-- ``agent.puller`` (:class:`ImageService`): ``await pull(ref) -> VersionRecord``
-  for the lifecycle and the Kubernetes watcher, ``await import_layout(path) ->
-  VersionRecord`` for the drop-in folder;
-- ``agent.cache`` (:class:`CacheControl`): ``gc()``, ``verify()`` returning
-  JSON-ready dicts (the control surface sends them over MQTT), ``used_bytes()``
-  for telemetry.
+- :class:`ImageService`: ``await pull(ref) -> VersionRecord`` for the
+  lifecycle (its reconciler pulls what a deployment names), ``await
+  import_layout(path) -> VersionRecord`` for the drop-in folder;
+- :class:`CacheControl`: ``gc()``, ``verify()`` returning JSON-ready dicts (the
+  control surface sends them over MQTT), ``used_bytes()`` for telemetry.
 
 Pulls and imports run one at a time on their own thread, so a slow registry
 never occupies an inference worker and two deploys never download the same
@@ -24,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from structlog.typing import FilteringBoundLogger
 
 from agent.cas import BlobStore
 from agent.config import Config
@@ -44,13 +45,16 @@ def build_puller(
     repository: Store,
     events: EventBus | None = None,
     in_use: Callable[[], Iterable[VersionKey]] | None = None,
+    *,
+    trust: TrustSettings | None = None,
 ) -> Puller:
+    """The puller of ``config``'s ``[registry]``, ``[trust]`` and ``[cache]``; ``trust`` when parsed already."""
     cache = ImageCache(repository.blobs, repository.db, CacheSettings.from_config(config), in_use=in_use)
     return Puller(
         repository,
         cache,
         RegistrySettings.from_config(config),
-        TrustPolicy(TrustSettings.from_config(config)),
+        TrustPolicy(trust if trust is not None else TrustSettings.from_config(config)),
         events=events,
     )
 
@@ -68,7 +72,7 @@ class LocalStore:
 
 
 class CacheControl:
-    """``agent.cache``: cache maintenance with JSON-ready answers (blocking; callers use a thread)."""
+    """``Agent.cache``: cache maintenance with JSON-ready answers (blocking; callers use a thread)."""
 
     def __init__(self, cache: ImageCache):
         self.cache = cache
@@ -87,14 +91,14 @@ class CacheControl:
 
 
 def open_cache(config: Config, blobs: BlobStore, db: StateDB) -> CacheControl:
-    """The cache of a store, as ``agent.cache`` (for an agent that pulls nothing, or a tool)."""
+    """The cache of a store, as ``Agent.cache`` (for an agent that pulls nothing, or a tool)."""
     return CacheControl(ImageCache(blobs, db, CacheSettings.from_config(config)))
 
 
 class ImageService:
     """Async face of the puller for the daemon; also a Service (start/stop)."""
 
-    def __init__(self, puller: Puller, events: EventBus | None = None, log: Any = None):
+    def __init__(self, *, puller: Puller, events: EventBus | None = None, log: FilteringBoundLogger | None = None):
         self.puller = puller
         self.cache = puller.cache
         self.events = events
@@ -151,19 +155,3 @@ class ImageService:
                     await asyncio.to_thread(self.cache.touch_version, record)
         finally:
             self.events.unsubscribe(queue)
-
-
-def attach_images(agent: Any) -> ImageService:
-    """Give an ``Agent`` image pulls and cache control: sets ``agent.puller`` and ``agent.cache``."""
-    models = getattr(agent, "models", None)
-
-    def loaded() -> list[VersionKey]:
-        # Read from the pull thread; a list() of the dict's keys is atomic under the GIL.
-        return list(models.loaded) if models is not None else []
-
-    puller = build_puller(agent.config, agent.repository, agent.events, in_use=loaded)
-    service = ImageService(puller, agent.events, getattr(agent, "log", None))
-    agent.puller = service
-    agent.cache = CacheControl(puller.cache)
-    agent.services.append(service)
-    return service

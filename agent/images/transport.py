@@ -29,7 +29,7 @@ import structlog
 
 from agent.images.auth import TokenCache, basic_header, parse_challenges
 from agent.images.backoff import Backoff
-from agent.images.errors import AuthError, NotInRegistry, RegistryError, RegistryUnreachable
+from agent.images.errors import AuthError, NotInRegistry, RegistryError, RegistryUnreachable, TooLarge
 from agent.images.settings import RegistrySettings
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -62,11 +62,11 @@ class Response:
         length = self.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
             self.close()
-            raise _TooLarge(int(length), limit, what)
+            raise TooLarge(int(length), limit, what)
         data = self._resp.read(limit + 1)
         if len(data) > limit:
             self.close()
-            raise _TooLarge(None, limit, what)
+            raise TooLarge(None, limit, what)
         self.close()
         return data
 
@@ -76,17 +76,6 @@ class Response:
             # Unread body bytes would be taken for the next response: drop the connection.
             self._resp.close()
             self._conn.close()
-
-
-class _TooLarge(RegistryError):
-    def __init__(self, size: int | None, limit: int, what: str):
-        told = f"{size} bytes" if size is not None else "more bytes"
-        super().__init__(f"{what} is {told}, over the limit of {limit} bytes")
-        self.size = size
-        self.limit = limit
-
-
-TooLarge = _TooLarge
 
 
 class Transport:

@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import urllib3
 from kubernetes import client, config, watch
@@ -143,15 +143,17 @@ class KubeAPI:
         concurrently and none of them can overwrite another's.
         """
         body = {"status": {"nodes": {node: entry}}}
-        result: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(
+        result = self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, body, _content_type=MERGE_PATCH, _request_timeout=self.timeout
         )
-        return result
+        # The client types custom-object calls as returning ``object``: it is the patched object's JSON.
+        return cast(dict[str, Any], result)
 
     # -- nodes and events --------------------------------------------------------
     def node_labels(self, node: str) -> dict[str, str]:
         obj = self.core.read_node(node, _request_timeout=self.timeout)
-        return dict(obj.metadata.labels or {})
+        labels = obj.metadata.labels if obj.metadata is not None else None
+        return dict(labels or {})
 
     def create_event(
         self, involved: dict[str, Any], reason: str, message: str, kind: str, node: str, action: str
@@ -181,7 +183,9 @@ class KubeAPI:
             "lastTimestamp": now,
             "count": 1,
         }
-        self.core.create_namespaced_event(namespace, event, _request_timeout=self.timeout)
+        # The client validates its arguments (pydantic) and so turns this dict into the CoreV1Event
+        # its annotation names; the annotation does not say a dict is accepted.
+        self.core.create_namespaced_event(namespace, event, _request_timeout=self.timeout)  # type: ignore[arg-type]
 
 
 _END = object()

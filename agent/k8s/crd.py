@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from agent.control import ModelDeployment
 from agent.spec import NAME_RE, VERSION_RE
@@ -121,12 +121,24 @@ class Resource:
         }
 
 
+class _ResourceBase(TypedDict):
+    """The fields of a Resource read from its metadata and status, whatever its spec says."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    created: str
+    resource_version: str
+    status_nodes: dict[str, Any]
+
+
 def parse_resource(obj: Mapping[str, Any]) -> Resource:
     """Any object from the API to a Resource; a bad spec becomes ``Resource.error``, never an exception."""
     meta = obj.get("metadata") or {}
     status = obj.get("status") or {}
     nodes = status.get("nodes") if isinstance(status, dict) else None
-    base = {
+    base: _ResourceBase = {
         "namespace": str(meta.get("namespace") or ""),
         "name": str(meta.get("name") or ""),
         "uid": str(meta.get("uid") or ""),

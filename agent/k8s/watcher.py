@@ -10,7 +10,9 @@ Four tasks share one in-memory picture of the cluster:
   this node, hands it to the reconciler with ``control.set_desired("k8s",
   ...)`` when it changed (or a failed model is due for a retry) — with
   ``spec.pinned`` in each deployment, which the reconciler holds — and
-  patches this node's entry into each resource's status;
+  patches this node's entry into each resource's status. The reconciler
+  pulls the images the deployments name (a traffic split's too) and answers
+  per model, a failed pull included; the watcher pulls nothing itself;
 * ``_report_events`` turns the agent's swap and failure events into
   Kubernetes Events on the resource that governs the model.
 
@@ -27,14 +29,14 @@ import contextlib
 import random
 import time
 from collections import deque
-from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
-from agent.control import ModelDeployment
+from agent.control import Control, ModelDeployment
 from agent.errors import AgentError
-from agent.events import Event
+from agent.events import Event, EventBus
 from agent.k8s import crd, report
 from agent.k8s.settings import KubeSettings
 from agent.k8s.threads import call
@@ -43,14 +45,28 @@ SOURCE = "k8s"
 
 
 class KubeWatcher:
-    """Agent service: ``await start()`` after the reconciler is attached, ``await stop()`` on shutdown."""
+    """Agent service: started after the reconciler's service, stopped on shutdown.
 
-    def __init__(self, agent: Any, settings: KubeSettings | None = None, api: Any = None):
-        self.agent = agent
-        self.settings = settings or KubeSettings.from_config(agent.config)
+    Enabled or not, it is always attached (``agent.wiring.attach_k8s``): disabled,
+    it still runs once at start-up to drop a desired state an earlier, enabled
+    run left in SQLite; otherwise a node taken out of its cluster would keep
+    obeying it with nobody able to change it (Kubernetes outranks every other source).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: KubeSettings,
+        control: Control,
+        events: EventBus,
+        log: FilteringBoundLogger | None = None,
+        api: Any = None,
+    ):
+        self.settings = settings
+        self.control = control
+        self.events = events
         self.node = self.settings.node_name
-        base_log = getattr(agent, "log", None) or structlog.get_logger("edge_agent")
-        self.log = base_log.bind(subsystem="k8s")
+        self.log = (log or structlog.get_logger("edge_agent")).bind(subsystem="k8s")
         self._api = api  # agent.k8s.api.KubeAPI, made in _run unless a test hands one in
         self._objects: dict[tuple[str, str], dict[str, Any]] = {}
         self._labels: dict[str, str] | None = None
@@ -78,7 +94,7 @@ class KubeWatcher:
         if not self.settings.enabled:
             await self._forget_desired_state()
             return
-        self._queue = self.agent.events.subscribe()
+        self._queue = self.events.subscribe()
         self._tasks = [
             asyncio.create_task(self._run(), name="k8s-watch"),
             asyncio.create_task(self._sync(), name="k8s-sync"),
@@ -100,7 +116,7 @@ class KubeWatcher:
             self._retry_handle.cancel()
             self._retry_handle = None
         if self._queue is not None:
-            self.agent.events.unsubscribe(self._queue)
+            self.events.unsubscribe(self._queue)
             self._queue = None
         if self._api is not None:
             with contextlib.suppress(Exception):
@@ -120,9 +136,7 @@ class KubeWatcher:
 
     async def _forget_desired_state(self) -> None:
         """With the integration switched off, Kubernetes must not go on governing models from the grave."""
-        control = self.agent.control
-        if control is None:
-            return
+        control = self.control
         status = await control.status()
         previous = _recorded(status)
         if previous:
@@ -275,23 +289,19 @@ class KubeWatcher:
         resources = [crd.parse_resource(obj) for obj in self._objects.values()]
         selection, others = crd.select(resources, self._labels or {})
         self._selection = selection
-        control = self.agent.control
-        if control is None:
-            raise RuntimeError("the agent has no reconciler attached (agent.control is None)")
+        control = self.control
         deployments = selection.deployments()
         if deployments != self._sent or self._retry_due:
             self._retry_due = False
             self.log.info("desired state from kubernetes", models={d.model: d.ref for d in deployments})
             # spec.pinned travels in the deployments: the reconciler holds the version
-            # a pinned deployment reached, and a new spec is a new deployment.
-            outcome: dict[str, Any] = {}
-            outcome.update(await self._prefetch(deployments))
+            # a pinned deployment reached, and a new spec is a new deployment. It
+            # also pulls each image (a split's before routing it), once, and a
+            # failed pull is that model's result.
             try:
-                result = await control.set_desired(SOURCE, deployments)
+                outcome = await control.set_desired(SOURCE, deployments)
             except AgentError as exc:
-                result = {d.model: {"error": str(exc)} for d in deployments}
-            for model, value in (result if isinstance(result, dict) else {}).items():
-                outcome.setdefault(model, value)
+                outcome = {d.model: {"error": str(exc)} for d in deployments}
             self._sent = deployments
             # Let the bus deliver what the reconciler published meanwhile (a
             # swap failure), so the queue holds it before this pass's verdict.
@@ -299,24 +309,6 @@ class KubeWatcher:
             self._note_outcome(deployments, outcome)
             self._schedule_retry(any(_failed(outcome.get(d.model)) for d in deployments))
         await self._report_status(selection, others, await control.status())
-
-    # -- prefetch ---------------------------------------------------------------------------
-    async def _prefetch(self, deployments: list[ModelDeployment]) -> dict[str, Any]:
-        """Pull the image of a split's spec, so the version it brings is in the store for the split.
-
-        The reconciler routes a split between stored versions and does not
-        pull; a canary usually names the new version's image beside the split.
-        """
-        puller = getattr(self.agent, "puller", None)
-        failures: dict[str, Any] = {}
-        for dep in deployments:
-            if not dep.traffic or dep.ref.startswith("store:") or puller is None:
-                continue
-            try:
-                await puller.pull(dep.ref)
-            except AgentError as exc:
-                failures[dep.model] = {"error": f"pulling {dep.ref}: {exc}"}
-        return failures
 
     def _schedule_retry(self, failed: bool) -> None:
         """A model the reconciler could not bring to its spec is tried again, less and less often."""
@@ -360,8 +352,8 @@ class KubeWatcher:
         for model, res in selection.governing.items():
             wanted.append((res, report.node_entry(res, models.get(model), self._errors.get(model))))
         for res, problem in selection.problems:
-            model = models.get(res.deployment.model) if res.deployment else None
-            wanted.append((res, report.node_entry(res, model, problem)))
+            reported = models.get(res.deployment.model) if res.deployment else None
+            wanted.append((res, report.node_entry(res, reported, problem)))
         # A resource that no longer selects this node loses this node's entry.
         wanted.extend((res, None) for res in others if self.node in res.status_nodes)
 
@@ -476,22 +468,7 @@ class KubeWatcher:
         return CALL_ERRORS
 
 
-def attach_k8s(agent: Any, env: Mapping[str, str] | None = None) -> KubeWatcher:
-    """Register the Kubernetes watcher on ``agent`` (after the reconciler, before sd_notify).
-
-    It talks to a cluster only when ``[k8s] enabled`` says so (by default:
-    when the agent runs in a pod). Disabled, it still runs once at start-up to
-    drop a desired state an earlier, enabled run left in SQLite: otherwise a
-    node taken out of its cluster would keep obeying it with nobody able to
-    change it (Kubernetes outranks every other source).
-    """
-    watcher = KubeWatcher(agent, KubeSettings.from_config(agent.config, env))
-    agent.services.append(watcher)
-    agent.k8s = watcher
-    return watcher
-
-
-def _failed(result: Any) -> bool:
+def _failed(result: object) -> TypeGuard[dict[str, Any]]:
     return isinstance(result, dict) and bool(result.get("error"))
 
 

@@ -1,9 +1,10 @@
 """The MQTT fleet channel: an agent service tying connection, commands, telemetry and outbox together.
 
-``MqttChannel(agent)`` is started and stopped by the agent like its other
-services. ``start`` never touches the network: it opens the outbox and the
-command log, loads the fleet keys (a bad key file fails start-up with a
-message naming it), and starts three background tasks:
+``MqttChannel`` (built by ``agent.wiring.attach_mqtt`` when ``[mqtt] host``
+is set) is started and stopped by the agent like its other services.
+``start`` never touches the network: it opens the outbox and the command
+log, loads the fleet keys (a bad key file fails start-up with a message
+naming it), and starts three background tasks:
 
 - the link (:class:`Link`): connect, subscribe, publish the retained node
   state, drain the outbox, receive commands; on any failure back off and
@@ -24,7 +25,7 @@ import contextlib
 import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import paho.mqtt.client as paho_mqtt
@@ -32,8 +33,10 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from structlog.typing import FilteringBoundLogger
 
-from agent.events import Event
+from agent.control import Control
+from agent.events import Event, EventBus
 from agent.mqtt.commandlog import CommandLog
 from agent.mqtt.commands import CommandRefused, FleetKeys, Limits
 from agent.mqtt.connection import Link
@@ -45,7 +48,12 @@ from agent.mqtt.settings import MqttSettings
 from agent.mqtt.topics import Topics
 from agent.telemetry.gpu import GpuProbe
 from agent.telemetry.settings import TelemetrySettings
-from agent.telemetry.snapshot import CpuMeter, build_snapshot, node_gauges
+from agent.telemetry.snapshot import CacheSize, CpuMeter, build_snapshot, node_gauges
+
+if TYPE_CHECKING:
+    from agent.cas import BlobStore
+    from agent.metrics import Metrics
+    from agent.models import ModelManager
 
 OUTBOX_FILE = "mqtt-outbox.db"
 COMMANDS_FILE = "mqtt-commands.db"
@@ -58,19 +66,32 @@ RESERVED_INFLIGHT = 2
 class MqttChannel:
     def __init__(
         self,
-        agent: Any,
-        settings: MqttSettings | None = None,
-        telemetry: TelemetrySettings | None = None,
+        *,
+        settings: MqttSettings,
+        telemetry: TelemetrySettings,
+        node_id: str,
+        state_dir: Path,
+        control: Control,
+        events: EventBus,
+        metrics: Metrics,
+        models: ModelManager,
+        blobs: BlobStore,
+        cache: CacheSize | None,
         gpu: GpuProbe | None = None,
+        log: FilteringBoundLogger | None = None,
     ):
-        self.agent = agent
-        self.settings = settings if settings is not None else MqttSettings.from_config(agent.config)
-        telemetry = telemetry if telemetry is not None else TelemetrySettings.from_config(agent.config)
-        self.node: str = agent.config.node_id
+        self.settings = settings
+        self.node = node_id
         self.topics = Topics(self.settings.topic_prefix, self.node, self.settings.groups)
-        base_log = getattr(agent, "log", None) or structlog.get_logger("edge_agent")
-        self.log = base_log.bind(subsystem="mqtt")
-        self.state_dir = Path(agent.config.state_dir)
+        self.log = (log or structlog.get_logger("edge_agent")).bind(subsystem="mqtt")
+        self.state_dir = state_dir  # the outbox and the command log live here
+        self.control = control
+        self.events = events
+        self.metrics = metrics
+        # For telemetry: what is served, and the bytes the store holds (the image cache's count when pulls are on).
+        self.models = models
+        self.blobs = blobs
+        self.cache = cache
         # Settings that ``set-config`` may change while running.
         self.telemetry_interval_s = telemetry.interval_s
         self.drain_rate = self.settings.drain_rate
@@ -112,22 +133,22 @@ class MqttChannel:
             keys=keys,
             limits=Limits(settings.command_max_bytes, settings.command_max_skew_s, settings.command_max_lifetime_s),
             commands=self.command_log,
-            control=lambda: getattr(self.agent, "control", None),
-            events=self.agent.events,
+            control=lambda: self.control,
+            events=self.events,
             reply=self._reply,
             runtime_settings=_RuntimeSettings(self),
             extra_status=self.describe,
             log=self.log,
         )
         await self.dispatcher.start()
-        self._events = self.agent.events.subscribe(maxsize=settings.event_queue)
+        self._events = self.events.subscribe(maxsize=settings.event_queue)
         self._tasks = [
             asyncio.create_task(self.link.run(self._session), name="mqtt-link"),
             asyncio.create_task(self._event_pump(), name="mqtt-events"),
             asyncio.create_task(self._telemetry_clock(), name="mqtt-telemetry"),
         ]
         self._collector = _ChannelCollector(self)
-        self.agent.metrics.registry.register(self._collector)
+        self.metrics.registry.register(self._collector)
         self.started = True
         self.log.info(
             "mqtt channel started",
@@ -142,14 +163,14 @@ class MqttChannel:
             return
         self.started = False
         if self._collector is not None:
-            self.agent.metrics.registry.unregister(self._collector)
+            self.metrics.registry.unregister(self._collector)
             self._collector = None
         await self._say_goodbye()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._events is not None:
-            self.agent.events.unsubscribe(self._events)
+            self.events.unsubscribe(self._events)
             await self._write_events(_drain(self._events, MAX_EVENT_BATCH * 10))  # nothing said is lost at shutdown
         if self.dispatcher is not None:
             await self.dispatcher.stop()
@@ -250,13 +271,11 @@ class MqttChannel:
 
     # -- node state -------------------------------------------------------------------------------------
     async def _publish_state(self) -> None:
-        control = getattr(self.agent, "control", None)
         status, error = None, None
-        if control is not None:
-            try:
-                status = await control.status()
-            except Exception as exc:  # noqa: BLE001 - the state must still go out, saying what is wrong
-                error = f"status unavailable: {exc}"
+        try:
+            status = await self.control.status()
+        except Exception as exc:  # noqa: BLE001 - the state must still go out, saying what is wrong
+            error = f"status unavailable: {exc}"
         self.link.publish_nowait(
             self.topics.state, online_state(self.node, status, self.settings.groups, error), 1, True
         )
@@ -313,9 +332,8 @@ class MqttChannel:
 
     def snapshot(self) -> dict[str, Any]:
         """One telemetry snapshot (blocking: NVML, /proc and the blob store); run it off the loop."""
-        agent = self.agent
-        metrics = agent.metrics
-        serving = node_gauges(agent, metrics)
+        metrics = self.metrics
+        serving = node_gauges(self.models, metrics, cache=self.cache, blobs=self.blobs)
         snap = build_snapshot(
             metrics.snapshot(), started=metrics.started, gpu=self.gpu.read(), cpu=self.cpu, serving=serving
         )

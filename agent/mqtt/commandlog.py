@@ -11,86 +11,66 @@ the expiry check refuses any replay on its own.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Literal
 
-import sqlite_utils
-
-from agent.fsmodes import create_private_file, private_dirs
+from agent.state.sqlite import open_database, transaction
 
 Admission = Literal["new", "done", "running", "conflict"]
 
 
 class CommandLog:
     def __init__(self, path: Path):
-        private_dirs(path.parent)
-        create_private_file(path)  # 0600 (and so its -wal/-shm) whatever the umask
-        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30.0)
-        self.db = sqlite_utils.Database(conn)
+        # 0600, WAL, synchronous=NORMAL (an id survives a kill -9 of the agent; only an OS
+        # crash may lose the last ones), busy timeout: the agent's one SQLite opener.
+        self.conn = open_database(path)
         self.lock = threading.Lock()
-        self.db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a crash of the agent (kill -9); only an OS crash may lose the last ids.
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        if "commands" not in self.db.table_names():
-            self.db["commands"].create(
-                {
-                    "id": str,
-                    "digest": str,
-                    "command": str,
-                    "received_at": float,
-                    "retain_until": float,
-                    "state": str,  # running | done
-                    "reply": bytes,
-                },
-                pk="id",
-                not_null={"id", "digest", "state"},
+        with self.lock, transaction(self.conn) as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY NOT NULL, digest TEXT NOT NULL, "
+                "command TEXT, received_at REAL, retain_until REAL, "
+                "state TEXT NOT NULL, "  # running | done
+                "reply BLOB)"
             )
-            self.db["commands"].create_index(["retain_until"])
+            conn.execute("CREATE INDEX IF NOT EXISTS idx_commands_retain_until ON commands (retain_until)")
 
     def admit(self, command_id: str, digest: str, command: str, retain_until: float) -> tuple[Admission, bytes | None]:
         """Record a new id (``"new"``), or say what is known of a seen one, with its stored reply."""
-        with self.lock:
-            conn = self.db.conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute("SELECT digest, state, reply FROM commands WHERE id = ?", (command_id,)).fetchone()
-                if row is None:
-                    conn.execute(
-                        "INSERT INTO commands (id, digest, command, received_at, retain_until, state) "
-                        "VALUES (?, ?, ?, ?, ?, 'running')",
-                        (command_id, digest, command, time.time(), retain_until),
-                    )
-                    result: tuple[Admission, bytes | None] = ("new", None)
-                elif row[0] != digest:
-                    result = ("conflict", None)
-                elif row[1] == "done":
-                    result = ("done", row[2])
-                else:
-                    result = ("running", None)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        with self.lock, transaction(self.conn) as conn:
+            row = conn.execute("SELECT digest, state, reply FROM commands WHERE id = ?", (command_id,)).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO commands (id, digest, command, received_at, retain_until, state) "
+                    "VALUES (?, ?, ?, ?, ?, 'running')",
+                    (command_id, digest, command, time.time(), retain_until),
+                )
+                result: tuple[Admission, bytes | None] = ("new", None)
+            elif row[0] != digest:
+                result = ("conflict", None)
+            elif row[1] == "done":
+                result = ("done", row[2])
+            else:
+                result = ("running", None)
         return result
 
     def finish(self, command_id: str, reply: bytes) -> None:
         with self.lock:
-            self.db.conn.execute("UPDATE commands SET state = 'done', reply = ? WHERE id = ?", (reply, command_id))
+            self.conn.execute("UPDATE commands SET state = 'done', reply = ? WHERE id = ?", (reply, command_id))
 
     def prune(self, now: float | None = None) -> int:
         """Forget ids whose commands can no longer pass the expiry check."""
         now = time.time() if now is None else now
         with self.lock:
-            cursor = self.db.conn.execute("DELETE FROM commands WHERE retain_until < ?", (now,))
+            cursor = self.conn.execute("DELETE FROM commands WHERE retain_until < ?", (now,))
             return cursor.rowcount
 
     def count(self) -> int:
         with self.lock:
-            return self.db.conn.execute("SELECT count(*) FROM commands").fetchone()[0]
+            count: int = self.conn.execute("SELECT count(*) FROM commands").fetchone()[0]
+            return count
 
     def close(self) -> None:
         with self.lock:
-            self.db.conn.close()
+            self.conn.close()

@@ -28,7 +28,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aiomqtt
 import structlog
@@ -38,6 +38,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import ConfigError
 from agent.mqtt.settings import MqttSettings
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import (
+        CallbackOnConnect_v2,
+        CallbackOnDisconnect_v2,
+        CallbackOnMessage,
+        CallbackOnPublish_v2,
+    )
 
 PubackHandler = Callable[[int, ReasonCode], bool]
 Session = Callable[[aiomqtt.Client], Awaitable[None]]
@@ -212,10 +220,12 @@ class Link:
         # Commands are acknowledged only once they are recorded (see Dispatcher), so a crash
         # before that leaves them with the broker to deliver again.
         paho.manual_ack_set(True)
-        aiomqtt_on_publish = paho.on_publish
-        aiomqtt_on_connect = paho.on_connect
-        aiomqtt_on_message = paho.on_message
-        aiomqtt_on_disconnect = paho.on_disconnect
+        # paho types each handler as "v1 or v2 signature, or unset"; aiomqtt builds its client with
+        # CallbackAPIVersion.VERSION2 and installs all four, so they are the v2 ones wrapped here.
+        aiomqtt_on_publish = cast("CallbackOnPublish_v2", paho.on_publish)
+        aiomqtt_on_connect = cast("CallbackOnConnect_v2", paho.on_connect)
+        aiomqtt_on_message = cast("CallbackOnMessage", paho.on_message)
+        aiomqtt_on_disconnect = cast("CallbackOnDisconnect_v2", paho.on_disconnect)
         self.redelivered.clear()
 
         def on_publish(c: Any, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:

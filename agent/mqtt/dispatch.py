@@ -31,7 +31,6 @@ For each message, on the receive loop:
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,7 +66,9 @@ class Incoming:
 class RuntimeSettings(Protocol):
     """The channel's own settings that ``set-config`` may change: keys starting with one of ``prefixes``."""
 
-    prefixes: tuple[str, ...]
+    # Read-only: the dispatcher only reads it, so a class constant of any tuple length qualifies.
+    @property
+    def prefixes(self) -> tuple[str, ...]: ...
 
     def check(self, changes: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -125,8 +126,8 @@ class Dispatcher:
         now = self.clock()
         try:
             cmd = parse_command(msg.payload, keys=self.keys, expected_target=target, limits=self.limits, now=now)
-        except CommandRefused as refusal:
-            self._refuse(msg, claimed_id(msg.payload), claimed_command(msg.payload), refusal)
+        except CommandRefused as exc:
+            self._refuse(msg, claimed_id(msg.payload), claimed_command(msg.payload), exc)
             return
         if now - self._last_prune >= PRUNE_EVERY_S:
             self._last_prune = now
@@ -340,9 +341,6 @@ class Dispatcher:
 
 
 def error_code_of(exc: AgentError) -> str:
-    """The error's own ``wire_code`` when it has one (InvalidValue -> invalid_value), else its class
-    name in snake_case: BadRequest -> bad_request, NotFound -> not_found, ImageRefused -> image_refused."""
-    code = getattr(exc, "wire_code", None)
-    if isinstance(code, str) and code:
-        return code
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+    """The reply's ``error.code``: the error's declared ``wire_code`` (agent/errors.py holds the table;
+    a class's name plays no part, so renaming one does not change the protocol)."""
+    return exc.wire_code

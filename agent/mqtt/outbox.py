@@ -27,7 +27,6 @@ on the disk.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 import time
 import uuid
@@ -38,9 +37,8 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import orjson
-import sqlite_utils
 
-from agent.fsmodes import create_private_file, private_dirs
+from agent.state.sqlite import checkpoint_and_close, open_database, transaction
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -79,19 +77,14 @@ class Outbox:
     """Synchronous and thread-safe; use it through :class:`AsyncOutbox` from the event loop."""
 
     def __init__(self, path: Path, max_bytes: int, max_age_s: float, clock: Callable[[], float] = time.time):
-        private_dirs(path.parent)
-        create_private_file(path)  # 0600 (and so its -wal/-shm) whatever the umask
         self.path = path
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self.clock = clock
         self.lock = threading.Lock()
-        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30.0)
-        self.db = sqlite_utils.Database(conn)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        # 0600, WAL, synchronous=NORMAL, busy timeout: the agent's one SQLite opener.
+        self.conn = conn = open_database(path)
         self._create()
-        conn = self.db.conn
         self.epoch: str = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
         seq_row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
         self.last_seq: int = seq_row[0] if seq_row else 0
@@ -101,22 +94,24 @@ class Outbox:
         self._last_age_check = float("-inf")
 
     def _create(self) -> None:
-        with self.lock:
-            # AUTOINCREMENT (not expressible through sqlite-utils' create) keeps sequence numbers
-            # monotonic for the life of the file, even when every row has been deleted.
-            self.db.execute(
+        with self.lock, transaction(self.conn) as conn:
+            # AUTOINCREMENT keeps sequence numbers monotonic for the life of the file,
+            # even when every row has been deleted.
+            conn.execute(
                 "CREATE TABLE IF NOT EXISTS outbox ("
                 "seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL, "
                 "created_at REAL NOT NULL)"
             )
-            if "dropped" not in self.db.table_names():
-                self.db["dropped"].create(
-                    {"first": int, "last": int, "count": int, "reason": str}, pk="first", not_null={"last", "count"}
-                )
-            if "meta" not in self.db.table_names():
-                self.db["meta"].create({"key": str, "value": str}, pk="key")
-                # A new file restarts the sequence at 1; the epoch tells consumers it is a new stream.
-                self.db["meta"].insert({"key": "epoch", "value": uuid.uuid4().hex[:16]})
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS dropped ("
+                "first INTEGER PRIMARY KEY, last INTEGER NOT NULL, count INTEGER NOT NULL, reason TEXT)"
+            )
+            conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            # A new file restarts the sequence at 1; the epoch tells consumers it is a new stream.
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('epoch', ?) ON CONFLICT(key) DO NOTHING",
+                (uuid.uuid4().hex[:16],),
+            )
 
     # -- writing ----------------------------------------------------------------------------------
     def put_many(self, messages: Iterable[Message]) -> int:
@@ -131,7 +126,7 @@ class Outbox:
     def _insert(self, topic: str, body: dict[str, Any], now: float) -> None:
         seq = self.last_seq + 1
         payload = orjson.dumps({"seq": seq, "epoch": self.epoch, **body}, default=str, option=orjson.OPT_NON_STR_KEYS)
-        self.db.conn.execute(
+        self.conn.execute(
             "INSERT INTO outbox (seq, topic, payload, created_at) VALUES (?, ?, ?, ?)", (seq, topic, payload, now)
         )
         self.last_seq = seq
@@ -150,7 +145,7 @@ class Outbox:
 
     def _drop_oldest(self, reason: str, still: Callable[[float, int], bool]) -> None:
         """Delete from the oldest end while ``still(created_at, size)`` holds for the next row."""
-        conn = self.db.conn
+        conn = self.conn
         while True:
             rows = conn.execute(
                 "SELECT seq, created_at, length(payload) FROM outbox ORDER BY seq LIMIT ?", (_SQL_CHUNK,)
@@ -170,7 +165,7 @@ class Outbox:
                 return
 
     def _record_dropped(self, seqs: Sequence[int], reason: str) -> None:
-        conn = self.db.conn
+        conn = self.conn
         for first, last in _runs(seqs):
             prev = conn.execute("SELECT first, last, reason FROM dropped ORDER BY first DESC LIMIT 1").fetchone()
             if prev is not None and prev[1] + 1 == first and prev[2] == reason:
@@ -195,7 +190,7 @@ class Outbox:
         The report and the clearing commit together: the count is reported once, never lost, never twice.
         """
         with self.lock, self._transaction():
-            rows = self.db.conn.execute("SELECT first, last, count, reason FROM dropped ORDER BY first").fetchall()
+            rows = self.conn.execute("SELECT first, last, count, reason FROM dropped ORDER BY first").fetchall()
             if not rows:
                 return None
             summary = DropSummary()
@@ -207,7 +202,7 @@ class Outbox:
             if len(summary.ranges) > MAX_REPORTED_RANGES:
                 data["ranges_truncated"] = True
             self._insert(topic, {**body, "data": data}, self.clock())
-            self.db.conn.execute("DELETE FROM dropped")
+            self.conn.execute("DELETE FROM dropped")
             return summary
 
     # -- forwarding -------------------------------------------------------------------------------
@@ -215,11 +210,11 @@ class Outbox:
         """Up to ``limit`` messages with ``after < seq [<= upto]``, in sequence order."""
         with self.lock:
             if upto is None:
-                rows = self.db.conn.execute(
+                rows = self.conn.execute(
                     "SELECT seq, topic, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
                 ).fetchall()
             else:
-                rows = self.db.conn.execute(
+                rows = self.conn.execute(
                     "SELECT seq, topic, payload FROM outbox WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
                     (after, upto, limit),
                 ).fetchall()
@@ -239,7 +234,7 @@ class Outbox:
             self._record_dropped(sorted(present), reason)
 
     def _delete(self, seqs: Sequence[int]) -> list[int]:
-        conn = self.db.conn
+        conn = self.conn
         removed: list[int] = []
         for i in range(0, len(seqs), _SQL_CHUNK):
             chunk = seqs[i : i + _SQL_CHUNK]
@@ -255,8 +250,8 @@ class Outbox:
     # -- introspection ----------------------------------------------------------------------------
     def stats(self) -> OutboxStats:
         with self.lock:
-            oldest = self.db.conn.execute("SELECT min(created_at) FROM outbox").fetchone()[0]
-            pending = self.db.conn.execute("SELECT coalesce(sum(count), 0) FROM dropped").fetchone()[0]
+            oldest = self.conn.execute("SELECT min(created_at) FROM outbox").fetchone()[0]
+            pending = self.conn.execute("SELECT coalesce(sum(count), 0) FROM dropped").fetchone()[0]
             return OutboxStats(
                 rows=self.rows,
                 bytes=self.bytes,
@@ -267,31 +262,28 @@ class Outbox:
 
     def checkpoint(self) -> None:
         with self.lock:
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         with self.lock:
-            try:
-                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                self.db.conn.close()
+            checkpoint_and_close(self.conn)
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self)
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT; on failure roll back and re-read the counters kept in memory."""
+    """BEGIN IMMEDIATE ... COMMIT; on failure roll back and restore the counters kept in memory."""
 
     def __init__(self, outbox: Outbox):
         self.outbox = outbox
 
     def __enter__(self) -> None:
         self.saved = (self.outbox.last_seq, self.outbox.rows, self.outbox.bytes)
-        self.outbox.db.conn.execute("BEGIN IMMEDIATE")
+        self.outbox.conn.execute("BEGIN IMMEDIATE")
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        conn = self.outbox.db.conn
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        conn = self.outbox.conn
         if exc_type is None:
             conn.execute("COMMIT")
             return

@@ -26,8 +26,8 @@ from wasmtime import _ffi as ffi
 from agent.cas import fsync_dir
 from agent.errors import InvalidModel
 from agent.fsmodes import private_dirs
+from agent.wasmshape import WASI_MODULE
 
-WASI_MODULE = "wasi_snapshot_preview1"
 # The ticker calls the C function directly (Engine.increment_epoch re-checks its pointer per
 # call), through a PyDLL handle: an atomic add needs no GIL release, and each release costs the
 # event loop a hand-over of the GIL. One hand-over per tick is left: the sleep.

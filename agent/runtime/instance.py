@@ -19,7 +19,7 @@ import numpy as np
 import wasmtime
 from wasmtime import _ffi as ffi
 
-from agent.errors import InferenceTimeout, InvalidModel, ModelError
+from agent.errors import DeadlineOverrun, InferenceTimeout, InvalidModel, ModelError
 from agent.runtime.engine import WasmRuntime, error_cause
 from agent.runtime.footprint import StoreLimits
 from agent.spec import ModelSpec, TensorSpec
@@ -70,10 +70,6 @@ _set_deadline.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
 KEEP_DEADLINE = 0
 
 
-class DeadlineOverrun(InferenceTimeout):
-    """A call ran past a deadline shorter than the model's timeout that its caller set (an inline budget)."""
-
-
 class ModelInstance:
     """Not thread-safe: the pool hands each instance to one caller at a time."""
 
@@ -115,7 +111,9 @@ class ModelInstance:
         for name, kind in (("memory", _EXTERN_MEMORY), *((f, _EXTERN_FUNC) for f in ABI_FUNCS)):
             ext = ffi.wasmtime_extern_t()
             raw_name = name.encode()
-            if not _export_get(self._ctx, instance_ref, raw_name, len(raw_name), ctypes.byref(ext)) or ext.kind != kind:
+            # wasmtime annotates the field as its ctypes type; reading a Structure field yields an int.
+            found = _export_get(self._ctx, instance_ref, raw_name, len(raw_name), ctypes.byref(ext))
+            if not found or ext.kind != kind:  # type: ignore[comparison-overlap]
                 what = "its memory as 'memory'" if kind == _EXTERN_MEMORY else f"function {name}"
                 raise InvalidModel(f"{spec.name}:{spec.version}: module does not export {what}")
             self._externs[name] = ext
@@ -207,7 +205,10 @@ class ModelInstance:
         # so the view stays valid for the instance's life.
         self._check_range(ptr, nbytes, f"{func}({index}) buffer")
         raw = (ctypes.c_uint8 * nbytes).from_address(base + ptr)
-        view = np.frombuffer(raw, dtype=tspec.dtype).reshape((self.spec.max_batch, *tspec.row_shape))
+        # numpy's stubs list a few buffer types; frombuffer takes any buffer, a ctypes array included.
+        view = np.frombuffer(raw, dtype=tspec.dtype).reshape(  # type: ignore[call-overload]
+            (self.spec.max_batch, *tspec.row_shape)
+        )
         self._keepalive.append(raw)
         return view
 
@@ -272,6 +273,7 @@ class ModelInstance:
                     raise DeadlineOverrun(f"{name}: call overran its budget of {self._deadline_ticks} epoch ticks")
                 raise InferenceTimeout(f"{name}: inference exceeded its {self.timeout_ms:g} ms deadline")
             raise ModelError(f"{name}: wasm trap: {trap_reason(trap)}")
+        assert error is not None  # called only after a trap (handled above) or an error
         err = wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))
         if isinstance(err, wasmtime.ExitTrap):
             raise ModelError(f"{name}: {exit_reason(err.code)}")

@@ -2,9 +2,10 @@
 
 :func:`load_version` is the path of a model from disk to a warm instance:
 blobs re-hashed against their digests -> model.json parsed -> weights parsed
-and matched to the declared parameters -> module compiled (or deserialized
-from the compile cache) -> instance pool built -> warm-up input run on every
-instance and compared with the golden output when the model ships one.
+and matched to the declared parameters (both by ``agent.artefacts``, the rules
+import and admission apply) -> module compiled (or deserialized from the
+compile cache) -> instance pool built -> warm-up input run on every instance
+and compared with the golden output when the model ships one.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import safetensors.numpy
 import wasmtime
 
+from agent.artefacts import check_module, read_stored
 from agent.cas import BlobStore
-from agent.errors import BadRequest, InvalidModel, ModelError
+from agent.errors import BadRequest, ModelError
 from agent.runtime.engine import WasmRuntime
-from agent.runtime.footprint import check_module_shape
 from agent.runtime.instance import check_exports
 from agent.runtime.pool import InstancePool
-from agent.spec import SAFETENSORS_DTYPES, ModelSpec
+from agent.spec import ModelSpec
 from agent.state import VersionRecord
 
 
@@ -97,39 +97,6 @@ class LoadedModel:
         self.pool.close()
 
 
-def read_artefacts(blobs: BlobStore, record: VersionRecord) -> tuple[ModelSpec, bytes, dict[str, np.ndarray]]:
-    """Read and verify a version's three blobs; CorruptBlob/NotFound when they do not check out."""
-    spec = ModelSpec.from_bytes(blobs.read_bytes(record.config_digest))
-    if (spec.name, spec.version) != (record.model, record.version):
-        raise InvalidModel(
-            f"model.json names {spec.name}:{spec.version} but the store records {record.model}:{record.version}"
-        )
-    wasm = blobs.read_bytes(record.module_digest)
-    params = parse_weights(spec, blobs.read_bytes(record.weights_digest))
-    return spec, wasm, params
-
-
-def parse_weights(spec: ModelSpec, data: bytes) -> dict[str, np.ndarray]:
-    try:
-        tensors = safetensors.numpy.load(data)
-    except Exception as exc:
-        raise InvalidModel(f"{spec.name}:{spec.version}: weights are not valid safetensors: {exc}") from exc
-    declared = {p.name for p in spec.params}
-    extra = set(tensors) - declared
-    if extra:
-        raise InvalidModel(f"{spec.name}:{spec.version}: weights hold undeclared tensor(s) {sorted(extra)}")
-    for pspec in spec.params:
-        array = tensors.get(pspec.name)
-        if array is None:
-            raise InvalidModel(f"{spec.name}:{spec.version}: weights lack parameter {pspec.name}")
-        if array.dtype != pspec.dtype or tuple(array.shape) != pspec.shape:
-            raise InvalidModel(
-                f"{spec.name}:{spec.version}: parameter {pspec.name} is {array.dtype}{list(array.shape)}, "
-                f"model.json declares {SAFETENSORS_DTYPES[pspec.datatype]}{list(pspec.shape)}"
-            )
-    return tensors
-
-
 def load_version(
     runtime: WasmRuntime,
     blobs: BlobStore,
@@ -138,7 +105,7 @@ def load_version(
     on_replace: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     start = time.perf_counter()
-    spec, wasm, params = read_artefacts(blobs, record)
+    spec, wasm, params = read_stored(blobs, record)
     module = runtime.load_module(wasm, record.module_digest, validate=lambda m: _validate(spec, wasm, m))
     memory_mb = min(settings.memory_limit_mb, spec.memory_limit_mb or settings.memory_limit_mb)
     timeout_ms = min(settings.request_timeout_ms, spec.timeout_ms or settings.request_timeout_ms)
@@ -162,8 +129,8 @@ def load_version(
 
 
 def _validate(spec: ModelSpec, wasm: bytes, module: wasmtime.Module) -> None:
-    # The shape check also runs at import; here it covers versions stored before it existed.
-    check_module_shape(wasm, f"{spec.name}:{spec.version}")
+    # The module rule also runs at import and admission; here it covers versions stored before it existed.
+    check_module(spec, wasm)
     check_exports(module, spec)
 
 

@@ -25,9 +25,9 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import wasmtime
 
-from agent.errors import ModelError, Unavailable
+from agent.errors import DeadlineOverrun, ModelError, Unavailable
 from agent.runtime.engine import WasmRuntime
-from agent.runtime.instance import KEEP_DEADLINE, DeadlineOverrun, ModelInstance, check_exports
+from agent.runtime.instance import KEEP_DEADLINE, ModelInstance, check_exports
 from agent.spec import ModelSpec
 
 

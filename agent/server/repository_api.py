@@ -44,6 +44,10 @@ from agent.images.reference import Reference
 from agent.server.http import Request, Response
 
 if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+    from agent.config import Config
+    from agent.images.settings import TrustSettings
     from agent.models import ModelManager
     from agent.state import StateDB
 
@@ -235,34 +239,37 @@ def is_loopback(host: str) -> bool:
         return False  # a host name (or 0.0.0.0 / ::, which parse): it may resolve beyond the node
 
 
-def build_repository_api(agent: Any) -> RepositoryAPI | None:
-    """The control API for ``agent`` (None while it has no Control), with its token resolved.
+def build_repository_api(
+    *,
+    control: Control,
+    config: Config,
+    db: StateDB,
+    models: ModelManager,
+    trust: TrustSettings,
+    log: FilteringBoundLogger,
+) -> RepositoryAPI:
+    """The control API over ``control``, with its token resolved (made in the state directory if none is set).
 
-    Called at start-up, before the agent listens: a token file is created then, and a
-    listen address beyond loopback is warned about.
+    Called by the wiring, before the agent listens: a token file is created then, and a
+    listen address beyond loopback is warned about. Of ``trust`` only the scopes are
+    used, to say which registries a deploy may pull from; the keys are the puller's.
     """
-    control = getattr(agent, "control", None)
-    if control is None:
-        return None
-    from agent.images.settings import TrustSettings
     from agent.images.trust import TrustPolicy
 
-    config = agent.config
     token = config.api_token or apitoken.load_or_create(config.state_dir)
     host, _ = config.host_port
     if not is_loopback(host):
-        agent.log.warning(
+        log.warning(
             "the control API listens beyond loopback: anyone who can reach this address and holds the "
             "API token can change the models this node serves",
             listen=config.listen,
             token_source="api_token" if config.api_token else str(apitoken.token_path(config.state_dir)),
         )
-    # Only the scopes are needed to say which registries are trusted; the keys are the puller's.
-    trust = TrustPolicy(dataclasses.replace(TrustSettings.from_config(config), keys={}))
+    scopes = TrustPolicy(dataclasses.replace(trust, keys={}))
     return RepositoryAPI(
         control=control,
         token=token,
-        db=agent.db,
-        models=agent.models,
-        trusted_scope=trust.scope_for,
+        db=db,
+        models=models,
+        trusted_scope=scopes.scope_for,
     )

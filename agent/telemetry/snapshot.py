@@ -23,9 +23,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import NotFound
+
+if TYPE_CHECKING:
+    from agent.cas import BlobStore
+    from agent.metrics import Metrics
+    from agent.models import ModelManager
 
 PREFIX = "edge_agent_"
 
@@ -100,7 +105,7 @@ def _place(target: dict[str, Any], family: str, sample: str, labels: dict[str, s
         hist = target.setdefault(family, {})
         for name in sorted(labels):
             hist = hist.setdefault(labels[name], {})
-        if suffix == "_bucket":
+        if suffix == "_bucket" and le is not None:  # le is set for a bucket (checked above)
             hist.setdefault("buckets", []).append(["+Inf" if le == "+Inf" else float(le), _number(value)])
         else:
             hist[suffix[1:]] = _number(value)
@@ -121,24 +126,31 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
-def node_gauges(agent: Any, metrics: Any) -> list[tuple[str, str]]:
+class CacheSize(Protocol):
+    """What the image cache (``agent.images.service.CacheControl``) tells telemetry."""
+
+    def used_bytes(self) -> int: ...
+
+
+def node_gauges(
+    models: ModelManager, metrics: Metrics, *, cache: CacheSize | None, blobs: BlobStore
+) -> list[tuple[str, str]]:
     """Bring the gauges only a walk can know (cache bytes, loaded versions) up to date; return what is served.
 
     Blocking (it stats the blob store); run it off the event loop.
     """
-    serving = [(name, m.version) for name, route in list(agent.models.routes.items()) for m in route.versions()]
+    serving = [(name, m.version) for name, route in list(models.routes.items()) for m in route.versions()]
     metrics.loaded_versions.set(len(serving))
-    metrics.cache_bytes.set(cache_used_bytes(agent))
+    metrics.cache_bytes.set(cache_used_bytes(cache, blobs))
     return serving
 
 
-def cache_used_bytes(agent: Any) -> int:
-    """Bytes in the content-addressed store: the image cache's own count when it is attached."""
-    cache = getattr(agent, "cache", None) or getattr(getattr(agent, "puller", None), "cache", None)
-    if cache is not None and hasattr(cache, "used_bytes"):
+def cache_used_bytes(cache: CacheSize | None, blobs: BlobStore) -> int:
+    """Bytes in the content-addressed store: the image cache's own count when image pulls are on."""
+    if cache is not None:
         return int(cache.used_bytes())
     total = 0
-    for digest in agent.blobs.digests():
+    for digest in blobs.digests():
         with contextlib.suppress(OSError, NotFound):  # a blob collected while we count
-            total += agent.blobs.size(digest)
+            total += blobs.size(digest)
     return total

@@ -84,8 +84,9 @@ def _floats(values: np.ndarray) -> list[float]:
     return [float(str(np.float32(v))) for v in np.asarray(values, dtype=np.float32).ravel()]
 
 
-def model_json(weights: dict[str, np.ndarray], held_out_accuracy: float, n_held_out: int,
-               warmup_pixels: np.ndarray) -> dict[str, Any]:
+def model_json(
+    weights: dict[str, np.ndarray], held_out_accuracy: float, n_held_out: int, warmup_pixels: np.ndarray
+) -> dict[str, Any]:
     golden = reference(weights, warmup_pixels.reshape(1, 64))
     return {
         "schema": "edge-agent.model/v1",
@@ -120,8 +121,14 @@ def model_json(weights: dict[str, np.ndarray], held_out_accuracy: float, n_held_
 def dump_json(doc: dict[str, Any]) -> str:
     """Indented JSON with every list of plain numbers on one line (shapes, warm-up data)."""
     text = json.dumps(doc, indent=2)
-    return re.sub(r"\[\s*([-+0-9.eE]+(?:,\s*[-+0-9.eE]+)*)\s*\]",
-                  lambda m: "[" + ", ".join(re.split(r",\s*", m.group(1))) + "]", text) + "\n"
+    return (
+        re.sub(
+            r"\[\s*([-+0-9.eE]+(?:,\s*[-+0-9.eE]+)*)\s*\]",
+            lambda m: "[" + ", ".join(re.split(r",\s*", m.group(1))) + "]",
+            text,
+        )
+        + "\n"
+    )
 
 
 def main() -> int:
@@ -130,8 +137,7 @@ def main() -> int:
     weights = export_weights(clf)
     # Score the exported float32 weights on raw pixels: that is what the module serves.
     acc = accuracy(weights, x_test, y_test)
-    print(f"held-out accuracy: {acc:.4f} ({round(acc * len(y_test))}/{len(y_test)}), "
-          f"{clf.n_iter_} training iterations")
+    print(f"held-out accuracy: {acc:.4f} ({round(acc * len(y_test))}/{len(y_test)}), {clf.n_iter_} training iterations")
     if acc < MIN_ACCURACY:
         print(f"accuracy below {MIN_ACCURACY:.0%}; nothing written", file=sys.stderr)
         return 1
