@@ -11,9 +11,11 @@ browser page or another local user cannot drive the node.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
+import tempfile
 from pathlib import Path
 
 import structlog
@@ -31,55 +33,95 @@ def token_path(state_dir: Path) -> Path:
     return Path(state_dir) / TOKEN_FILE
 
 
+# Far more than a token: a larger file is not one, and is not read.
+MAX_TOKEN_FILE_BYTES = 4096
+
+
 def read_token(state_dir: Path) -> str | None:
     """The token in the state directory, or None when there is none (or it is empty).
 
-    Raises :class:`TokenFileError` when the file exists but this user may not read it,
-    so a client can say why instead of sending no token.
+    Read only through a regular file at that very path: a symlink is not followed and a
+    FIFO or device is not waited on. Raises :class:`TokenFileError` when the file exists
+    but cannot be read as a token, so a client can say why instead of sending none.
     """
     path = token_path(state_dir)
     try:
-        text = path.read_text(encoding="ascii").strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise TokenFileError(f"cannot read the API token in {path}: {_why(path, exc)}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise TokenFileError(f"the API token {path} is not a regular file; refused")
+        if info.st_size > MAX_TOKEN_FILE_BYTES:
+            raise TokenFileError(f"the API token {path} is {info.st_size} bytes, not a token; refused")
+        if stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid == os.geteuid():
+            # Copied in by hand, a umask accident: the owner makes it private again.
+            os.fchmod(fd, 0o600)
+            log.warning("control API token file was readable by others; made 0600", path=str(path))
+        data = os.read(fd, MAX_TOKEN_FILE_BYTES + 1)
+        text = data.decode("ascii").strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise TokenFileError(f"cannot read the API token in {path}: {reason}") from exc
+    finally:
+        os.close(fd)
     return text or None
 
 
+def _why(path: Path, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "it is a symbolic link, not a regular file; refused"
+    return exc.strerror or str(exc)
+
+
 def load_or_create(state_dir: Path) -> str:
-    """The state directory's token, made (random, 0600) on the first start."""
+    """The state directory's token, made (random, 0600) on the first start.
+
+    Written to a temporary file of a fresh name (one left by a crash is never in the
+    way) and published with a hard link, which fails if another process published
+    first: then that one's token is everyone's.
+    """
     path = token_path(state_dir)
     existing = read_token(state_dir)
     if existing is not None:
-        _tighten(path)
         return existing
     token = secrets.token_urlsafe(TOKEN_BYTES)
-    tmp = path.with_name(f".{TOKEN_FILE}.{os.getpid()}.tmp")
     try:
-        # O_EXCL + 0600 from the start: the token is never readable by others, not even for a moment.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # mkstemp: O_EXCL and 0600 from the start, never readable by others, not even for a moment.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{TOKEN_FILE}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise TokenFileError(f"cannot write the API token to {path}: {exc.strerror or exc}") from exc
+    tmp = Path(tmp_name)
+    try:
         try:
             os.write(fd, token.encode("ascii") + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            winner = read_token(state_dir)
+            if winner is None:
+                raise TokenFileError(f"the API token {path} appeared empty while this agent was creating it") from None
+            return winner
+        _fsync_dir(path.parent)
     except OSError as exc:
+        raise TokenFileError(f"cannot write the API token to {path}: {exc.strerror or exc}") from exc
+    finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise TokenFileError(f"cannot write the API token to {path}: {exc.strerror or exc}") from exc
     log.info("control API token created", path=str(path))
     return token
 
 
-def _tighten(path: Path) -> None:
-    """A token file others can read (copied in by hand, a umask accident) is made 0600 again."""
+def _fsync_dir(directory: Path) -> None:
+    """The new name survives a power cut too, not only the file's bytes."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            path.chmod(0o600)
-            log.warning("control API token file was readable by others; made 0600", path=str(path), mode=oct(mode))
-    except OSError as exc:
-        log.warning("control API token file permissions cannot be checked", path=str(path), error=str(exc))
+        os.fsync(fd)
+    finally:
+        os.close(fd)

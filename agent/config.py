@@ -73,6 +73,9 @@ class Config:
     max_connections: int = 512
     # Unsent output above which a connection is no longer read (a client not reading its answers).
     write_buffer_high_bytes: int = 64 * 1024
+    # A request head / body not received in full within these gets 408 and the connection is closed.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     # How long SIGTERM waits for in-flight requests before closing anyway.
     drain_timeout_s: float = 10.0
     # Import the bundled reference models into an empty store at start-up.
@@ -166,6 +169,9 @@ class Config:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be greater than 0, got {getattr(self, name)}")
         if self.max_url_bytes > self.max_header_bytes:
             raise ConfigError(
                 f"max_url_bytes ({self.max_url_bytes}) must not exceed max_header_bytes ({self.max_header_bytes})"

@@ -102,6 +102,8 @@ class Agent:
             max_inflight_body_bytes=config.max_inflight_body_bytes,
             max_connections=config.max_connections,
             write_buffer_high_bytes=config.write_buffer_high_bytes,
+            header_timeout_s=config.header_timeout_s,
+            body_timeout_s=config.body_timeout_s,
         )
         self.services: list[Service] = []  # started in this order after the API listens, stopped in reverse
         # The parts agent/wiring.py adds; each stays None while its subsystem is off (or, in a

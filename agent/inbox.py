@@ -21,7 +21,11 @@ regular files, with bounded reads (:mod:`agent.images.layout`), so a link to
 instead of followed, read or waited on. Whatever goes wrong with one entry —
 even an error nobody anticipated — refuses that entry and the watcher goes on
 with the next. ``.reason`` files are written 0600 through a descriptor of
-``refused/`` (a link planted there is replaced, never written through).
+``refused/`` (a link planted there is replaced, never written through). An entry
+that can be neither moved aside nor removed is logged once and left alone until it
+changes, and the watcher's own reads (open/close events) never wake it, so nothing
+loops; a ``refused`` that is not a directory at start-up is renamed
+``refused.not-a-directory.<n>`` and replaced by a fresh directory.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +42,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    EVENT_TYPE_CLOSED_NO_WRITE,
+    EVENT_TYPE_OPENED,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from agent.control import Control
@@ -51,6 +61,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("edge_agent.inbox")
 
 REFUSED_DIR = "refused"
+# What held the name ``refused`` at start-up when it was no directory: kept, never imported.
+NOT_A_DIRECTORY = f"{REFUSED_DIR}.not-a-directory."
+# Reading an entry is no change to it: the agent's own reads must not wake the watcher again.
+_READ_EVENTS = frozenset({EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE})
 # A reason quotes the dropper's own text (names from index.json): keep it to a readable size.
 MAX_REASON_CHARS = 4096
 
@@ -78,6 +92,8 @@ class _Wakeup(FileSystemEventHandler):
         self._wake = wake
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in _READ_EVENTS:
+            return
         with contextlib.suppress(RuntimeError):  # the loop is closing
             self._loop.call_soon_threadsafe(self._wake.set)
 
@@ -103,12 +119,15 @@ class InboxWatcher:
         self._observer: Any = None
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        # Entries that could be neither moved aside nor removed, by name, as they were then:
+        # left alone until they change, or the watcher would judge them again at every pass.
+        self._stuck: dict[str, tuple[int, int, int, float]] = {}
         self.processed = 0
         self.refused = 0
 
     async def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.refused_dir.mkdir(exist_ok=True)
+        _ensure_refused_dir(self.refused_dir)
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._wake.set()  # entries dropped while the agent was down
@@ -151,12 +170,27 @@ class InboxWatcher:
     async def scan_once(self) -> float:
         """Process every settled entry; returns how long until an unsettled one may be ready (0: none)."""
         wait = 0.0
-        for entry in sorted(self._entries()):
+        entries = sorted(self._entries())
+        names = {entry.name for entry in entries}
+        for name in [n for n in self._stuck if n not in names]:
+            del self._stuck[name]
+        for entry in entries:
+            if entry.name in self._stuck and self._stuck[entry.name] == _fingerprint(entry):
+                continue
+            self._stuck.pop(entry.name, None)
             quiet_for = time.time() - _last_change(entry)
             if quiet_for < self.settings.settle_s:
                 wait = max(wait, self.settings.settle_s - quiet_for)
                 continue
             await self.process(entry)
+            if os.path.lexists(entry):
+                # Neither moved aside nor removed (refused/ replaced by a link, an undeletable
+                # subdirectory...): say so once, and leave it until it changes.
+                self._stuck[entry.name] = _fingerprint(entry)
+                log.warning(
+                    "drop-in entry could be neither moved aside nor removed; left alone until it changes",
+                    entry=entry.name,
+                )
         return wait
 
     def _entries(self) -> Iterator[Path]:
@@ -165,7 +199,7 @@ class InboxWatcher:
         except FileNotFoundError:
             return
         for child in children:
-            if child.name.startswith(".") or child.name == REFUSED_DIR:
+            if child.name.startswith((".", NOT_A_DIRECTORY)) or child.name == REFUSED_DIR:
                 continue
             yield child
 
@@ -208,6 +242,32 @@ class InboxWatcher:
             log.error("cannot move a refused drop-in entry aside", entry=entry.name, error=str(exc))
         self.events.publish("inbox.refused", entry=entry.name, error=reason)
         log.error("drop-in image refused", entry=entry.name, moved_to=moved_to, error=reason)
+
+
+def _ensure_refused_dir(refused_dir: Path) -> None:
+    """Make ``refused/`` a real directory; whatever else holds the name (a link, a file) is moved aside."""
+    try:
+        st = refused_dir.lstat()
+    except FileNotFoundError:
+        refused_dir.mkdir(mode=0o750)
+        return
+    if stat.S_ISDIR(st.st_mode):
+        return
+    n = 1
+    while os.path.lexists(aside := refused_dir.with_name(f"{NOT_A_DIRECTORY}{n}")):
+        n += 1
+    os.rename(refused_dir, aside)
+    log.warning("the drop-in folder's refused/ was not a directory; moved it aside", moved_to=str(aside))
+    refused_dir.mkdir(mode=0o750)
+
+
+def _fingerprint(entry: Path) -> tuple[int, int, int, float]:
+    """What tells that an entry changed: its inode, mtime and size, and its newest change within."""
+    try:
+        st = entry.lstat()
+    except FileNotFoundError:
+        return (0, 0, 0, 0.0)
+    return (st.st_ino, st.st_mtime_ns, st.st_size, _last_change(entry))
 
 
 def _move_aside(refused_dir: Path, entry: Path, reason: str) -> str:

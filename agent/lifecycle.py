@@ -434,7 +434,6 @@ class Lifecycle:
         """
         if not self.desired.upgraded_from_flag_pins:
             return
-        self.desired.upgraded_from_flag_pins = False
         effective = self.desired.effective()
         for mrec in self.db.models():
             if not mrec.pinned or not mrec.active_version:
@@ -448,6 +447,9 @@ class Lifecycle:
             if not wish.traffic:
                 await asyncio.to_thread(self.desired.hold, source, wish, mrec.active_version)
             log.info("pin adopted into desired state", model=mrec.name, source=source, version=mrec.active_version)
+        # Cleared only once every pin is adopted: a kill or a locked database half-way means the
+        # next start adopts again (an adopted pin is skipped), instead of the rest being lost.
+        self.desired.upgraded_from_flag_pins = False
 
     async def unload(self, model: str, *, source: str = "local") -> dict[str, Any]:
         self._check_precedence(model, source)

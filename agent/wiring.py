@@ -80,6 +80,9 @@ def attach_services(agent: Agent, *, env: Mapping[str, str] | None = None) -> No
 
 def attach_images(agent: Agent, *, trust: TrustSettings | None = None) -> ImageService:
     """Image pulls and cache control: ``agent.puller`` and ``agent.cache``."""
+    if agent.control is not None or agent.mqtt is not None:
+        # They take the puller and the cache when they are built: attached later, these would go unused.
+        raise RuntimeError("attach_images must come before attach_lifecycle and attach_mqtt")
     models = agent.models
 
     def in_use() -> list[VersionKey]:
@@ -103,6 +106,8 @@ def attach_lifecycle(
     attached already; without them only ``store:`` references resolve.
     ``rollback_grace_s`` overrides ``[lifecycle]`` (tests keep it short).
     """
+    if agent.control is not None:
+        raise RuntimeError("a lifecycle is attached already: one reconciler per agent")
     config = agent.config
     settings = LifecycleSettings.from_config(config)
     lifecycle = Lifecycle(

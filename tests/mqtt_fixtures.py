@@ -213,6 +213,7 @@ class Broker:
 
     def start(self, timeout: float = HANG_S) -> Broker:
         assert self.proc is None or self.proc.poll() is not None, "broker already running"
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the process, closed with it
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.config_path)], stdout=log, stderr=log)
         log.close()
@@ -220,8 +221,13 @@ class Broker:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"mosquitto exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return self
+            # Its own word that it listens, not just "something accepts on the port": a port picked
+            # free earlier may have been taken by another program meanwhile, and then mosquitto
+            # fails to bind while a probe would connect to that other program.
+            started = self.log_path.read_bytes()[offset:]
+            if b" running" in started:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
             time.sleep(0.02)
         raise AssertionError(f"mosquitto not listening after {timeout}s:\n{self.log()}")
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 import select
 import socket
+import sys
 import time
 from contextlib import ExitStack, suppress
 from typing import Any
 
 import pytest
-from conftest import http
+from conftest import control_headers, http
 
 from agent.errors import ConfigError
 
@@ -319,6 +320,8 @@ def test_http_limits_come_from_the_config(make_agent):
         ({"write_buffer_high_bytes": -1}, "write_buffer_high_bytes must be at least 1"),
         ({"max_url_bytes": 70000}, r"max_url_bytes \(70000\) must not exceed max_header_bytes"),
         ({"max_inflight_body_bytes": 1024}, r"max_inflight_body_bytes \(1024\) must be at least max_body_bytes"),
+        ({"header_timeout_s": 0}, "header_timeout_s must be greater than 0"),
+        ({"body_timeout_s": -1}, "body_timeout_s must be greater than 0"),
     ],
 )
 def test_http_limits_are_validated(tmp_path, overrides: dict[str, int], message: str):
@@ -326,3 +329,123 @@ def test_http_limits_are_validated(tmp_path, overrides: dict[str, int], message:
 
     with pytest.raises(ConfigError, match=message):
         Config.load(env={}, overrides={"state_dir": tmp_path, **overrides})
+
+
+# -- chunked framing, trailers and upgrades ---------------------------------------------------
+CHUNKED_HEAD = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_endless_chunked_trailer_gets_413_before_it_is_all_sent(make_agent):
+    agent = make_agent()
+    sent, reply = flood(agent, CHUNKED_HEAD + b"1\r\na\r\n0\r\nX-T: ", b"a")
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+    assert sent < FLOOD, "the server buffered the whole trailer before answering"
+    assert digits_answers(agent)
+
+
+def test_trailer_fields_do_not_change_the_request_headers(make_agent):
+    agent = make_agent()
+    authorization = control_headers(agent.agent.config.state_dir)["Authorization"]
+    request = (
+        b"POST /v2/repository/index HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nAuthorization: %s\r\n\r\n" % authorization.encode()
+    )
+    with socket.create_connection(address(agent), timeout=HANG_GUARD_S) as sock:
+        sock.sendall(request)
+        reply = read_reply(sock, until_closed=False)
+    # the token in the trailer does not count: the request was sent without one
+    assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
+
+
+def test_upgrade_request_is_refused_and_never_served(make_agent):
+    agent = make_agent()
+    authorization = control_headers(agent.agent.config.state_dir)["Authorization"]
+    request = (
+        b"POST /v2/repository/index HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Authorization: %s\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nContent-Length: 0\r\n\r\n" % authorization.encode()
+    )
+    with socket.create_connection(address(agent), timeout=HANG_GUARD_S) as sock:
+        sock.sendall(request)
+        reply = read_reply(sock)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+    assert reply.count(b"HTTP/1.1 ") == 1, reply  # answered once: the application never saw it
+    assert digits_answers(agent)
+
+
+def test_tiny_chunks_are_held_compactly(make_agent):
+    agent = make_agent()
+    server = agent.agent.http
+    pieces = 100_000
+    body = b"2\r\n[[\r\n" * pieces  # 200 KB of body in 2-byte chunks, and no last chunk
+    with socket.create_connection(address(agent), timeout=HANG_GUARD_S) as sock:
+        sock.sendall(CHUNKED_HEAD + body)
+
+        def held() -> tuple[int, int] | None:
+            for conn in server.connections:
+                if conn._body_len:
+                    stored = conn._body
+                    size = sys.getsizeof(stored)
+                    if isinstance(stored, list):
+                        size += sum(sys.getsizeof(piece) for piece in stored)
+                    return conn._body_len, size
+            return None
+
+        deadline = time.monotonic() + HANG_GUARD_S
+        seen = on_loop(agent, held)
+        while (seen is None or seen[0] < 2 * pieces) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen = on_loop(agent, held)
+        assert seen is not None and seen[0] == 2 * pieces, seen
+        # what the server holds for the body is about the body, not a Python object per chunk
+        assert seen[1] <= 2 * seen[0] + 4096, seen
+        assert on_loop(agent, lambda: server.body_bytes_held) == 2 * pieces
+
+
+# -- slow clients ---------------------------------------------------------------------------------
+def test_head_not_complete_in_time_gets_408_and_others_are_served(make_agent):
+    agent = make_agent(header_timeout_s=0.5)
+    server = agent.agent.http
+    with ExitStack() as stack:
+        silent = stack.enter_context(socket.create_connection(address(agent), timeout=HANG_GUARD_S))
+        trickle = stack.enter_context(socket.create_connection(address(agent), timeout=HANG_GUARD_S))
+        # a kept-alive connection: its next head is timed from the previous answer
+        second = stack.enter_context(socket.create_connection(address(agent), timeout=HANG_GUARD_S))
+        second.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_reply(second, until_closed=False).startswith(b"HTTP/1.1 200 ")
+        second.sendall(b"GET /v2/health/live HTTP/1.1\r\nHo")
+        head = b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"s" * 10_000
+        trickle.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + HANG_GUARD_S
+        # one byte at a time, until the server answers (a server without a head timeout never does)
+        while sent < len(head) and time.monotonic() < deadline:
+            if select.select([trickle], [], [], 0)[0]:
+                break
+            with suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+                sent += trickle.send(head[sent : sent + 1])
+            time.sleep(0.01)
+        trickle.setblocking(True)
+        for sock in (silent, trickle, second):
+            reply = read_reply(sock)
+            assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+            assert b"Connection: close" in reply
+        assert sent < len(head), "the trickled head was never cut off"
+        assert digits_answers(agent)
+    assert on_loop(agent, lambda: server.counters["header_timeout"]) == 3
+
+
+def test_body_not_complete_in_time_gets_408_and_gives_its_budget_back(make_agent):
+    agent = make_agent(body_timeout_s=0.5)
+    server = agent.agent.http
+    head = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (8 * 1024 * 1024)
+    with socket.create_connection(address(agent), timeout=HANG_GUARD_S) as sock:
+        sock.sendall(head + b"[" * 4096)  # the body starts to arrive, then stalls
+        reply = read_reply(sock)
+    assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+    deadline = time.monotonic() + HANG_GUARD_S
+    while on_loop(agent, lambda: server.body_bytes_held) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert on_loop(agent, lambda: server.body_bytes_held) == 0
+    assert on_loop(agent, lambda: server.counters["body_timeout"]) == 1
+    assert digits_answers(agent)

@@ -150,6 +150,46 @@ def tar_index_300mib(tmp: Path) -> Path:
     return _tar_with_member(tmp, "index.json", 300 << 20)
 
 
+def tar_index_8mib_dense(tmp: Path) -> Path:
+    """An index.json twice the limit, its bytes really on disk (a mostly-hole tar is refused before this)."""
+    path = _tar_with_member(tmp, "index.json", 8 << 20)
+    with open(path, "r+b") as fh:
+        fh.seek(1536)
+        fh.write(b" " * (8 << 20))
+    return path
+
+
+def _tar_with_gnu_longname(tmp: Path, claimed: int, dense: bool) -> Path:
+    """A GNU long-name header (type L) claiming ``claimed`` bytes of name: tarfile reads them all at once."""
+    path = tmp / "image.tar"
+    info = tarfile.TarInfo("././@LongLink")
+    info.type = tarfile.GNUTYPE_LONGNAME
+    info.size = claimed
+    with open(path, "wb") as fh:
+        fh.write(info.tobuf(tarfile.GNU_FORMAT))
+        if dense:
+            fh.write(b"a" * claimed)
+        else:
+            fh.truncate(512 + claimed)  # a hole: 512 bytes on disk
+    return path
+
+
+def tar_gnu_longname_2gib_sparse(tmp: Path) -> Path:
+    return _tar_with_gnu_longname(tmp, 2 << 30, dense=False)
+
+
+def tar_gnu_longname_2mib(tmp: Path) -> Path:
+    return _tar_with_gnu_longname(tmp, 2 << 20, dense=True)
+
+
+def tar_too_many_members(tmp: Path) -> Path:
+    path = tmp / "image.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(10_001):
+            tar.addfile(tarfile.TarInfo(f"d{i}"), io.BytesIO())
+    return path
+
+
 def tar_sparse_index_1tib(tmp: Path) -> Path:
     path = tmp / "image.tar"
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -189,7 +229,11 @@ HOSTILE: dict[str, tuple[Callable[[Path], Path], str]] = {
     "manifest -> host file": (manifest_to_host_file, "symbolic link"),
     "weights longer than declared": (weights_grown_past_declared, "declares"),
     "the tar is a FIFO": (tar_fifo, "not a regular file"),
-    "tar: 300 MiB index.json": (tar_index_300mib, "over the limit"),
+    "tar: 300 MiB index.json, a hole": (tar_index_300mib, "sparse"),
+    "tar: 8 MiB index.json": (tar_index_8mib_dense, "over the limit"),
+    "tar: GNU long name claiming 2 GiB, a hole": (tar_gnu_longname_2gib_sparse, "sparse"),
+    "tar: GNU long name claiming 2 MiB": (tar_gnu_longname_2mib, "tar header"),
+    "tar: 10,001 members": (tar_too_many_members, "members"),
     "tar: 1 TiB sparse index.json": (tar_sparse_index_1tib, "sparse"),
     "tar: gzip-compressed": (tar_gzip, "compressed"),
 }

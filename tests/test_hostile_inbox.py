@@ -17,6 +17,7 @@ import resource
 import shutil
 import stat
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -264,3 +265,57 @@ def test_an_unexpected_error_refuses_that_drop_and_the_watcher_keeps_going(
     reason = wait_for(lambda: refused(inbox, "a-boom.tar"), timeout=GUARD_S, what="the failing drop refused")
     assert "an error nobody anticipated" in reason, reason
     wait_for(lambda: infer_version(agent.url) == "3", timeout=GUARD_S, what="the later good drop served")
+
+
+# -- entries that cannot be moved aside: no hot loop ------------------------------------------------
+def test_an_entry_that_cannot_be_moved_aside_is_not_retried_in_a_loop(
+    make_agent: Any,
+    tmp_path: Path,
+    trusted: Any,  # noqa: F811 - the fixture
+) -> None:
+    good, _bad, setup = trusted
+    agent = make_agent(setup=setup)
+    inbox = agent.agent.config.state_dir / "inbox"
+    # The dropper swaps refused/ for a link: refusals cannot be moved aside (refused/ is opened O_NOFOLLOW).
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(inbox / "refused")
+    (inbox / "refused").symlink_to(elsewhere)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "bad.tar").write_bytes(b"not a tar at all" * 64)
+    drop(inbox, work / "bad.tar", "a-bad.tar")
+    drop(inbox, good_tar(work, good, "3", 0.7), "b-good.tar")
+
+    wait_for(lambda: infer_version(agent.url) == "3", timeout=GUARD_S, what="the later good drop served")
+    # An observation window, not a speed check: the stuck entry was retried thousands of times in this long.
+    time.sleep(3.0)
+    assert (inbox / "a-bad.tar").exists()  # left where it is, nothing written through the link
+    assert not any(elsewhere.iterdir())
+    assert 1 <= agent.agent.inbox.refused <= 3, agent.agent.inbox.refused
+    # Once changed, the entry is looked at again.
+    (inbox / "a-bad.tar").write_bytes(b"still not a tar" * 64)
+    wait_for(lambda: agent.agent.inbox.refused >= 2, timeout=GUARD_S, what="the changed entry judged again")
+
+
+def test_a_regular_file_named_refused_is_moved_aside_and_the_watcher_starts(
+    make_agent: Any,
+    trusted: Any,  # noqa: F811 - the fixture
+) -> None:
+    _good, _bad, setup = trusted
+
+    def plant_then_setup(agent: Any) -> None:
+        inbox = agent.config.state_dir / "inbox"
+        inbox.mkdir(parents=True, exist_ok=True)
+        (inbox / "refused").write_text("planted by the dropper\n")
+        setup(agent)
+
+    agent = make_agent(setup=plant_then_setup)
+    inbox = agent.agent.config.state_dir / "inbox"
+    (inbox / "notes.txt").write_text("hello")
+
+    reason = wait_for(lambda: refused(inbox, "notes.txt"), timeout=GUARD_S, what="notes.txt refused")
+    assert "tar" in reason
+    assert (inbox / "refused").is_dir() and not (inbox / "refused").is_symlink()
+    kept = [p for p in inbox.iterdir() if p.name.startswith("refused.not-a-directory.")]
+    assert [p.read_text() for p in kept] == ["planted by the dropper\n"]

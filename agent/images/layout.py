@@ -17,7 +17,10 @@ regular file, and never reads more than a bound known before the read:
   cannot block the open), then ``fstat`` must say it is a regular file;
 - a tar is an uncompressed tar of regular files and directories only: no
   links, devices, FIFOs or sparse members (a 10 KB tar can hold a 1 TiB
-  sparse member);
+  sparse member); the tar file itself must not be sparse or larger than the
+  largest honest layout, no single read tarfile makes may exceed
+  ``MAX_TAR_READ`` (a GNU long-name or pax header claiming gigabytes is read
+  whole by tarfile), and it holds at most ``MAX_TAR_MEMBERS`` members;
 - every read is bounded: ``oci-layout`` and ``index.json`` by fixed limits,
   manifests, configs and signatures by their caller's limits, blobs by the
   size their descriptor declares, checked against the file's own size before
@@ -40,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, cast
 
-from agent.artefacts import file_kind, read_model_dir, validate
+from agent.artefacts import MAX_MODULE_BYTES, MAX_WEIGHTS_BYTES, file_kind, read_model_dir, validate
 from agent.cas import CHUNK, sha256_digest, split_digest
 from agent.images import mediatypes as mt
 from agent.images.errors import LayoutError
@@ -57,6 +60,18 @@ MAX_MARKER_BYTES = 4096
 MAX_INDEX_BYTES = 4 * 1024 * 1024
 # What read_blob keeps in memory when its caller names no limit (manifests, configs, payloads).
 MAX_SMALL_BLOB_BYTES = 4 * 1024 * 1024
+
+# A layout tar holds one module and one weights file (each capped where a model directory is read)
+# plus small JSON: anything larger is no honest layout.
+MAX_TAR_BYTES = MAX_MODULE_BYTES + MAX_WEIGHTS_BYTES + 64 * 1024 * 1024
+# Holes a tar file may have (a file system may leave a tail unallocated); beyond that it is sparse.
+TAR_HOLE_SLACK = 64 * 1024
+# The largest single read tarfile may make: its header blocks, a GNU long name or a pax header.
+# tarfile reads such a header whole, at the size the header claims, before any member exists.
+MAX_TAR_READ = 1 << 20
+# Member data is read in chunks below MAX_TAR_READ.
+_TAR_CHUNK = 256 * 1024
+MAX_TAR_MEMBERS = 10_000
 
 # Every open inside a layout: never through a symbolic link, never waiting (a FIFO).
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -371,7 +386,11 @@ class TarLayout(OciLayout):
         super().__init__(path)
         self._tar = tar
         self._members: dict[str, tarfile.TarInfo] = {}
-        for member in tar.getmembers():
+        for count, member in enumerate(_iter_members(tar), 1):
+            if count > MAX_TAR_MEMBERS:
+                raise LayoutError(
+                    f"{path}: more than {MAX_TAR_MEMBERS} members; no image layout has that many; refused"
+                )
             parts = PurePosixPath(member.name).parts
             if member.name.startswith("/") or ".." in parts:
                 raise LayoutError(f"{path}: unsafe member {member.name!r} (absolute or '..' path); refused")
@@ -393,7 +412,8 @@ class TarLayout(OciLayout):
         # A regular member's stream is an ExFileObject, a BufferedReader (typed only as IO[bytes]).
         if not isinstance(fh, io.BufferedReader):  # pragma: no cover - only regular files are kept
             raise FileNotFoundError(rel)
-        return fh, member.size
+        # A big read of the member would reach the tar file as one big read, which _GuardedTarFile refuses.
+        return cast(BinaryIO, _Chunked(fh)), member.size
 
     def blob_path(self, digest: str) -> Path:
         raise LayoutError(f"{self.root} is a tar: its blobs are read in place, they have no path")
@@ -422,6 +442,7 @@ def open_layout(path: Path) -> Iterator[OciLayout]:
             return
         if not stat.S_ISREG(mode):
             raise LayoutError(f"{path} is not a regular file or a directory ({file_kind(mode)}); refused")
+        _check_tar_file(path, fd)
         with _open_tar(path, os.fdopen(os.dup(fd), "rb")) as layout:
             yield layout
     finally:
@@ -438,7 +459,7 @@ def _open_tar(path: Path, fh: BinaryIO) -> Iterator[TarLayout]:
                 raise LayoutError(f"{path} is a {kind}-compressed tar; a layout tar must be uncompressed (unpack it)")
         try:
             # "r:" takes an uncompressed tar only; tarfile would otherwise decompress on the fly.
-            tar = tarfile.open(fileobj=fh, mode="r:")  # noqa: SIM115 - closed by the `with tar` below
+            tar = tarfile.open(fileobj=cast(BinaryIO, _GuardedTarFile(fh, path)), mode="r:")  # noqa: SIM115 - closed below
         except tarfile.TarError as exc:
             raise LayoutError(f"{path} is neither an OCI layout directory nor a tar of one ({exc})") from exc
         with tar:
@@ -458,7 +479,10 @@ def unpacked(path: Path) -> Iterator[OciLayout]:
         pass
     with tempfile.TemporaryDirectory(prefix=f".{path.name}-", dir=path.parent) as tmp:
         try:
-            with tarfile.open(path, "r:") as tar:
+            with (
+                open(path, "rb") as raw,
+                tarfile.open(fileobj=cast(BinaryIO, _GuardedTarFile(raw, path)), mode="r:") as tar,
+            ):
                 # The data filter refuses absolute paths, '..', links out of the tree and devices.
                 tar.extractall(tmp, filter="data")
         except (tarfile.TarError, OSError) as exc:
@@ -539,6 +563,87 @@ def _some(names: list[str], limit: int = 10) -> str:
     """A list for a message, cut short: index.json is the dropper's to fill."""
     shown = [name[:100] for name in names[:limit]]
     return repr(shown) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_tar_file(path: Path, fd: int) -> None:
+    """Refuse a tar whose size alone says it is no honest layout, before tarfile reads a byte."""
+    st = os.fstat(fd)
+    if st.st_blocks * 512 < st.st_size - TAR_HOLE_SLACK:
+        raise LayoutError(
+            f"{path} is a sparse file ({st.st_size} bytes, {st.st_blocks * 512} on disk); "
+            "a layout tar has no holes; refused"
+        )
+    if st.st_size > MAX_TAR_BYTES:
+        raise LayoutError(f"{path} is {st.st_size} bytes, over the limit of {MAX_TAR_BYTES} for a layout tar; refused")
+
+
+def _iter_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Members one at a time (getmembers() would read them all before any count is checked)."""
+    while (member := tar.next()) is not None:
+        yield member
+
+
+class _GuardedTarFile:
+    """The tar file as tarfile sees it: any single read above ``MAX_TAR_READ`` is refused.
+
+    tarfile reads a GNU long-name or pax header whole, at whatever size the header claims,
+    so a few bytes of header could otherwise make it allocate gigabytes.
+    """
+
+    def __init__(self, fh: BinaryIO, path: Path):
+        self._fh = fh
+        self._path = path
+        self.name = str(path)
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > MAX_TAR_READ:
+            raise LayoutError(
+                f"{self._path}: a tar header claims {size} bytes, more than any tar header needs "
+                f"({MAX_TAR_READ}); refused"
+            )
+        return self._fh.read(size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class _Chunked(io.RawIOBase):
+    """A tar member's stream whose reads reach the tar file in chunks below ``MAX_TAR_READ``."""
+
+    def __init__(self, fh: BinaryIO):
+        super().__init__()
+        self._fh = fh
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._fh.read(min(len(view), _TAR_CHUNK))
+        view[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int | None = -1) -> bytes:
+        parts: list[bytes] = []
+        left = -1 if size is None or size < 0 else size
+        while left != 0:
+            data = self._fh.read(_TAR_CHUNK if left < 0 else min(left, _TAR_CHUNK))
+            if not data:
+                break
+            parts.append(data)
+            if left > 0:
+                left -= len(data)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
 
 
 class _Bounded(io.RawIOBase):

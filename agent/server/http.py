@@ -12,14 +12,25 @@ as soon as it is crossed rather than after buffering:
 
 * request target: 414 beyond ``max_url_bytes``; request line + headers: 431
   beyond ``max_header_bytes`` or ``max_header_count`` fields;
-* a body: 413 beyond ``max_body_bytes`` (from ``Content-Length`` alone);
+* a body: 413 beyond ``max_body_bytes`` (from ``Content-Length`` alone); a
+  chunked body is also refused with 413 when its raw bytes (framing included)
+  pass ``max_body_bytes + max_header_bytes``, or when more than
+  ``max_header_bytes`` arrive without a byte of body (endless chunk extensions
+  or trailers). Trailer fields are read and dropped: they never change the
+  request's headers;
+* time: a request head not complete within ``header_timeout_s`` (from the
+  connection's start, or from the previous answer) and a body not complete
+  within ``body_timeout_s`` (from the end of its head) get 408 and the
+  connection is closed, so slow clients cannot hold connection slots or the
+  body budget;
 * bodies held across all connections: 503 + ``Retry-After`` beyond
   ``max_inflight_body_bytes`` (bodies up to 64 KiB are always admitted, so
   health checks and small inferences go on while large uploads fill it);
 * output: a connection whose transport holds more than
   ``write_buffer_high_bytes`` unsent is neither read nor parsed until the
   client catches up, so pipelining without reading cannot grow memory;
-* connections: beyond ``max_connections`` a new one gets 503 and is closed.
+* connections: beyond ``max_connections`` a new one gets 503 and is closed;
+* protocol upgrades (``Upgrade``, ``CONNECT``): 400, never handed to the application.
 
 A refused request is answered, then the connection is shut for writing and
 what the client still sends is read and dropped for a moment ("lingering
@@ -57,6 +68,10 @@ _SMALL_BODY = 64 * 1024
 # How long a refused connection reads and drops what its client still sends.
 _LINGER_S = 2.0
 _RETRY_AFTER = [("Retry-After", "1")]
+# How often the sweeper looks for idle and slow connections, at most.
+_SWEEP_S = 1.0
+# What a connection is receiving, for the head and body timeouts.
+_IDLE, _HEAD, _BODY = 0, 1, 2
 
 
 @dataclass
@@ -125,6 +140,8 @@ class HttpServer:
         max_inflight_body_bytes: int = 64 << 20,
         max_connections: int = 512,
         write_buffer_high_bytes: int = 64 << 10,
+        header_timeout_s: float = 10.0,
+        body_timeout_s: float = 30.0,
     ):
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -135,6 +152,8 @@ class HttpServer:
         self.max_inflight_body_bytes = max_inflight_body_bytes
         self.max_connections = max_connections
         self.write_buffer_high_bytes = write_buffer_high_bytes
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
         self.connections: set[_Connection] = set()
         self._servers: list[asyncio.base_events.Server] = []
         self._dates = _DateCache()
@@ -149,13 +168,22 @@ class HttpServer:
 
     async def _sweep_idle(self) -> None:
         # One timer for all connections: re-arming a timer per request costs
-        # more than this sweep, which runs a few times per idle period.
-        interval = max(0.05, self.idle_timeout_s / 4)
+        # more than this sweep, which runs a few times per timeout, and at
+        # least every _SWEEP_S so a slow head or body is cut close to its limit.
         while True:
-            await asyncio.sleep(interval)
-            deadline = time.monotonic() - self.idle_timeout_s
+            interval = min(_SWEEP_S, self.idle_timeout_s, self.header_timeout_s, self.body_timeout_s) / 4
+            await asyncio.sleep(max(0.05, interval))
+            now = time.monotonic()
+            deadline = now - self.idle_timeout_s
+            head_deadline = now - self.header_timeout_s
+            body_deadline = now - self.body_timeout_s
             for conn in list(self.connections):
-                if conn.last_active < deadline:
+                phase = conn.phase
+                if phase == _HEAD and conn.phase_since < head_deadline:
+                    conn.time_out("request head", self.header_timeout_s, "header_timeout")
+                elif phase == _BODY and conn.phase_since < body_deadline:
+                    conn.time_out("request body", self.body_timeout_s, "body_timeout")
+                elif conn.last_active < deadline:
                     conn.expire()
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
@@ -199,11 +227,20 @@ class _Connection(asyncio.Protocol):
         self.busy = False
         self.keep_alive = True
         self.last_active = time.monotonic()
+        # The first head is timed from the connection's start (header_timeout_s).
+        self.phase = _HEAD
+        self.phase_since = self.last_active
         self._url = b""
         self._headers: dict[str, str] = {}
         self._header_count = 0
-        self._body: list[bytes] = []
+        # One received piece as it came (no copy for a body that arrives in one
+        # read); from the second piece on, one bytearray: a bytes object per tiny
+        # chunk would cost ~20 times the body.
+        self._body: bytes | bytearray = b""
         self._body_len = 0
+        self._chunked = False  # a chunked body (or its trailers) being received
+        self._chunked_raw = 0  # raw bytes of it fed so far, framing included
+        self._chunked_gap = 0  # raw bytes fed since its body last grew
         self._body_left = 0  # of a Content-Length body being received
         self._head_open = False  # request line or headers being received
         self._head_bytes = 0
@@ -260,7 +297,7 @@ class _Connection(asyncio.Protocol):
         if self._unparsed or self.busy or self._write_paused or self.pending:
             self._hold(data)
             return
-        if not self._head_open and len(data) <= (self._body_left or _SLICE):
+        if not self._head_open and not self._chunked and len(data) <= (self._body_left or _SLICE):
             # The common case, one read holding whole requests: what _feed
             # would do in one step, without its bookkeeping.
             try:
@@ -296,7 +333,7 @@ class _Connection(asyncio.Protocol):
             else:
                 view = view if view is not None else memoryview(data)
                 piece = view[pos : pos + step]
-            message, counting = self._message, self._head_open
+            message, counting, chunked, body_len = self._message, self._head_open, self._chunked, self._body_len
             try:
                 self.parser.feed_data(piece)
             except httptools.HttpParserUpgrade:
@@ -318,10 +355,29 @@ class _Connection(asyncio.Protocol):
                     message_text = f"request line and headers exceed the limit of {limit} bytes"
                     self._refuse(Response.error(431, message_text), "headers_too_large")
                     return
+            # A chunked message is counted raw, like a head: its framing and
+            # trailers are not body, so on_body alone would not bound them.
+            if chunked and self._chunked and message == self._message and self._count_chunked(step, body_len):
+                return
             if pos < end and (self.busy or self._write_paused or self.pending):
                 assert view is not None
                 self._hold(bytes(view[pos:]))
                 return
+
+    def _count_chunked(self, step: int, body_len: int) -> bool:
+        """Charge ``step`` raw bytes to the chunked message; True when it was refused for them."""
+        server = self.server
+        self._chunked_raw += step
+        self._chunked_gap = 0 if self._body_len > body_len else self._chunked_gap + step
+        if self._chunked_gap > server.max_header_bytes:
+            limit = server.max_header_bytes
+            message = f"chunk framing or trailers exceed the limit of {limit} bytes"
+        elif self._chunked_raw > server.max_body_bytes + server.max_header_bytes:
+            message = f"chunked request body exceeds the limit of {server.max_body_bytes} bytes"
+        else:
+            return False
+        self._refuse(Response.error(413, message), "body_too_large")
+        return True
 
     def _parse_failed(self, exc: httptools.HttpParserError) -> None:
         if self._refusal is None:
@@ -345,6 +401,9 @@ class _Connection(asyncio.Protocol):
         self._body_len = 0
         self._head_open = True
         self._message += 1
+        if self.phase != _HEAD:  # the first head is timed from connection_made
+            self.phase = _HEAD
+            self.phase_since = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
         # Called with each piece of the target as it arrives, so the limit
@@ -354,6 +413,8 @@ class _Connection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_open:
+            return  # a trailer field: dropped, it must not change what the head said
         self._header_count += 1
         if self._header_count > self.server.max_header_count:
             limit = self.server.max_header_count
@@ -363,6 +424,12 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._head_open = False
         self._head_bytes = 0
+        self.phase = _BODY
+        self.phase_since = time.monotonic()
+        if self.parser.should_upgrade():
+            # Refused here, not after on_message_complete: the application must
+            # not act on a request whose connection then changes protocol.
+            self._stop(400, "protocol upgrades are not supported", "malformed")
         server = self.server
         length = self._headers.get("content-length")
         if length is not None and length.isdigit():
@@ -376,6 +443,9 @@ class _Connection(asyncio.Protocol):
             server.body_bytes_held += size
             self._reserved += size
             self._body_left = size
+        elif "transfer-encoding" in self._headers:
+            self._chunked = True
+            self._chunked_raw = self._chunked_gap = 0
         if self._headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -393,7 +463,13 @@ class _Connection(asyncio.Protocol):
                 self._over_budget()
             server.body_bytes_held += size
             self._reserved += size
-        self._body.append(body)
+        stored = self._body
+        if not stored:
+            self._body = body
+        elif isinstance(stored, bytearray):
+            stored += body
+        else:
+            self._body = bytearray(stored) + body
 
     def on_message_complete(self) -> None:
         if self._refused:
@@ -401,10 +477,13 @@ class _Connection(asyncio.Protocol):
         url = httptools.parse_url(self._url)
         path = url.path.decode("latin-1")
         query = url.query.decode("latin-1") if url.query else ""
-        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self.phase = _IDLE
+        self._chunked = False
+        stored = self._body
+        body = stored if isinstance(stored, bytes) else bytes(stored)
         request = Request(self.parser.get_method().decode(), path, query, self._headers, body)
         held, self._reserved = self._reserved, 0
-        self._body = []
+        self._body = b""
         if not self.parser.should_keep_alive():
             self.keep_alive = False
         if self.busy or self._write_paused or self.pending:
@@ -479,7 +558,10 @@ class _Connection(asyncio.Protocol):
         self._write(response, keep_alive)
         if not keep_alive and not self.pending and self._refusal is None and self.transport is not None:
             self.transport.close()
-        self.last_active = time.monotonic()
+        self.last_active = now = time.monotonic()
+        if self.phase != _IDLE:
+            # The next head (or body) was waiting on this answer, not on its client.
+            self.phase_since = now
 
     def _write(self, response: Response, keep_alive: bool) -> None:
         if self.transport is None:
@@ -510,9 +592,10 @@ class _Connection(asyncio.Protocol):
         self.server.counters[kind] += 1
         self._refused = True
         self._refusal = response
+        self.phase = _IDLE  # no longer timed: the linger timer ends it
         self._release(self._reserved)
         self._reserved = 0
-        self._body = []
+        self._body = b""
         self._unparsed = b""
         if not self.busy and not self.pending and not self._write_paused:
             self._send_refusal()
@@ -543,6 +626,17 @@ class _Connection(asyncio.Protocol):
             transport.abort()
         else:
             self.close_when_idle()
+
+    def time_out(self, what: str, limit: float, kind: str) -> None:
+        """A head or body that did not arrive in time: 408 and close (it holds a slot, maybe budget)."""
+        if self._refused or self.busy or self.pending or self._write_paused:
+            # Waiting on the server or on a client that does not read: the idle
+            # timeout deals with those.
+            if self.last_active < time.monotonic() - self.server.idle_timeout_s:
+                self.expire()
+            return
+        self.phase = _IDLE
+        self._refuse(Response.error(408, f"{what} not complete within {limit:g} s"), kind)
 
     def close_when_idle(self) -> None:
         self.keep_alive = False

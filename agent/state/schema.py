@@ -170,6 +170,9 @@ def migrate(conn: sqlite3.Connection, path: Path) -> int | None:
     conn.execute("BEGIN IMMEDIATE")  # another process may be migrating the same file: read again under the lock
     try:
         found = schema_version(conn)
+        if found == SCHEMA_VERSION:  # another process migrated it while this one waited for the lock
+            conn.execute("COMMIT")
+            return None
         if found > SCHEMA_VERSION:
             raise StateDirError(
                 f"{path} has schema version {found}, newer than this agent's {SCHEMA_VERSION}: it was written by "
