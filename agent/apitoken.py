@@ -20,6 +20,7 @@ from pathlib import Path
 
 import structlog
 
+from agent.cas import fsync_dir
 from agent.errors import TokenFileError
 
 TOKEN_FILE = "api-token"
@@ -108,7 +109,7 @@ def load_or_create(state_dir: Path) -> str:
             if winner is None:
                 raise TokenFileError(f"the API token {path} appeared empty while this agent was creating it") from None
             return winner
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)  # the new name survives a power cut too, not only the bytes
     except OSError as exc:
         raise TokenFileError(f"cannot write the API token to {path}: {exc.strerror or exc}") from exc
     finally:
@@ -116,12 +117,3 @@ def load_or_create(state_dir: Path) -> str:
             tmp.unlink()
     log.info("control API token created", path=str(path))
     return token
-
-
-def _fsync_dir(directory: Path) -> None:
-    """The new name survives a power cut too, not only the file's bytes."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
