@@ -93,6 +93,24 @@ class InvalidModel(AgentError):
     wire_code = "invalid_model"
 
 
+class ConversionRefused(InvalidModel):
+    """An ONNX graph the converter cannot turn into a model image (agent/convert).
+
+    ``problems`` lists every refused node at once, each naming the node, its op and why,
+    so a user fixes their export in one round rather than one error per run.
+    """
+
+    http_status = 400
+    exit_code = exitcodes.DATAERR
+    wire_code = "conversion_refused"
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        self.problems = list(problems or [])
+        if self.problems:
+            message = message + "\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(message)
+
+
 class CorruptBlob(AgentError):
     """A stored blob's content no longer matches its digest."""
 

@@ -18,7 +18,7 @@ import orjson
 from agent.errors import InvalidModel
 
 SCHEMA = "edge-agent.model/v1"
-SUPPORTED_ABI_VERSIONS = (1,)
+SUPPORTED_ABI_VERSIONS = (1, 2)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,62}$")
 

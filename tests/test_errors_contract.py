@@ -33,6 +33,7 @@ CONTRACT: dict[str, tuple[int, int, str]] = {
     "InferenceTimeout": (504, 1, "inference_timeout"),
     "DeadlineOverrun": (504, 1, "deadline_overrun"),
     "InvalidModel": (400, 1, "invalid_model"),
+    "ConversionRefused": (400, 65, "conversion_refused"),
     "CorruptBlob": (500, 1, "corrupt_blob"),
     "ConfigError": (500, 78, "config_error"),
     "StateDirError": (500, 73, "state_dir_error"),

@@ -17,6 +17,7 @@ import re
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +73,8 @@ class WasmRuntime:
     """
 
     IDLE_AFTER_S = 1.0
+    # Compiled modules kept in memory for sharing between versions (each holds its machine code).
+    MAX_SHARED_MODULES = 64
     # Safety net: a sleeping ticker looks for calls this often even if no wake-up came.
     IDLE_POLL_S = 0.1
 
@@ -108,6 +111,9 @@ class WasmRuntime:
         self._lock = threading.Lock()
         self.compiled_from_cache = 0
         self.compiled_fresh = 0
+        # Compiled modules by the digest of their wasm, most recently used last.
+        self._modules: OrderedDict[str, wasmtime.Module] = OrderedDict()
+        self.shared_hits = 0
         # Mirrors the engine's epoch so instances can tell, for free, whether
         # the deadline they set last is still exact (see ModelInstance.run).
         self.epoch = 0
@@ -199,6 +205,27 @@ class WasmRuntime:
         (checking export types through the Python API costs more than the rest of a
         cold start).
         """
+        with self._lock:
+            shared = self._modules.get(module_digest)
+            if shared is not None:
+                # Models built on one kernel library (every converted ONNX model) share its
+                # compiled code: a cold start of another such model compiles nothing.
+                self._modules.move_to_end(module_digest)
+                self.shared_hits += 1
+                return shared
+        module = self._load_module(wasm, module_digest, validate)
+        with self._lock:
+            self._modules[module_digest] = module
+            while len(self._modules) > self.MAX_SHARED_MODULES:
+                self._modules.popitem(last=False)
+        return module
+
+    def _load_module(
+        self,
+        wasm: bytes,
+        module_digest: str,
+        validate: Callable[[wasmtime.Module], None] | None,
+    ) -> wasmtime.Module:
         path = self.cache_path(module_digest)
         if path is not None and path.exists():
             try:

@@ -137,17 +137,26 @@ class ModelInstance:
             raise InvalidModel(
                 f"{spec.name}:{spec.version}: module reports ABI version {abi}, model.json says {spec.abi_version}"
             )
-        max_batch = self._call("ea_max_batch")
-        if max_batch != spec.max_batch:
-            raise InvalidModel(
-                f"{spec.name}:{spec.version}: module max batch {max_batch} differs from model.json {spec.max_batch}"
-            )
+        # ABI v1 modules know their batch bound before ea_init; an ABI v2 module learns it
+        # from its parameters (a plan-driven module shared by many models), so it is read after.
+        if spec.abi_version == 1:
+            self._check_max_batch()
         self._load_params(params)
+        if spec.abi_version != 1:
+            self._check_max_batch()
         base = self._base()
         self._inputs = [self._view(base, "ea_input", i, t) for i, t in enumerate(spec.inputs)]
         self._outputs = [self._view(base, "ea_output", i, t) for i, t in enumerate(spec.outputs)]
 
     # -- set-up (slow path, checked calls) -----------------------------------
+    def _check_max_batch(self) -> None:
+        max_batch = self._call("ea_max_batch")
+        if max_batch != self.spec.max_batch:
+            raise InvalidModel(
+                f"{self.spec.name}:{self.spec.version}: module max batch {max_batch} differs from model.json "
+                f"{self.spec.max_batch}"
+            )
+
     def _call(self, name: str, *args: int) -> int:
         """Calls an ABI function through the unchecked entry point (types were checked up front)."""
         _set_deadline(self._ctx, self._ticks)

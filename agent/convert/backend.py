@@ -1,0 +1,56 @@
+"""An ``onnx.backend`` over the converter, for ONNX's own conformance tests.
+
+``prepare`` keeps the model; ``run`` converts it with every shape as declared
+(no batch axis: the node tests' inputs have none), with the test's inputs as
+the analysis data, and runs it in the agent's wasm runtime. A model the
+converter refuses raises ConversionRefused: tests/test_convert_conformance.py
+decides which refusals are documented limits (skips) and which are failures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx.backend.base import Backend, BackendRep
+
+from agent.convert.build import Runner, convert
+
+
+class EdgeRep(BackendRep):
+    def __init__(self, model: onnx.ModelProto, runner: Runner):
+        self.model = model
+        self.runner = runner
+
+    def run(self, inputs: Any, **kwargs: Any) -> tuple[np.ndarray, ...]:
+        graph_inputs = [
+            vi.name for vi in self.model.graph.input if vi.name not in {i.name for i in self.model.graph.initializer}
+        ]
+        if isinstance(inputs, dict):
+            feed = {name: np.asarray(inputs[name]) for name in graph_inputs}
+        else:
+            feed = {name: np.asarray(array) for name, array in zip(graph_inputs, inputs, strict=False)}
+        converted = convert(
+            self.model, name="conformance", version="1", batched=False, check=False, golden=False, warmup_data=feed
+        )
+        rows = {name: array.reshape((1, *array.shape)) for name, array in feed.items()}
+        out = self.runner.run(converted, rows)
+        return tuple(out[name][0] for name in converted.graph.outputs)
+
+
+class EdgeBackend(Backend):
+    """Holds one Runner for all the models it prepares (set ``runner`` before use)."""
+
+    runner: Runner | None = None
+
+    @classmethod
+    def prepare(cls, model: onnx.ModelProto, device: str = "CPU", **kwargs: Any) -> EdgeRep:
+        super().prepare(model, device, **kwargs)
+        if cls.runner is None:
+            cls.runner = Runner()
+        return EdgeRep(model, cls.runner)
+
+    @classmethod
+    def supports_device(cls, device: str) -> bool:
+        return device == "CPU"
