@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from agent import exitcodes, logs
 from agent.cli.core import add_config_options, load_config, report_error
 from agent.config import Config
-from agent.errors import ConfigError
+from agent.errors import ConfigError, ConversionRefused
 
 if TYPE_CHECKING:
     from agent.images.signing import PasswordFn
@@ -30,15 +30,46 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = verbs.add_parser(
         "build",
-        help="build an image from a model directory into an OCI layout",
-        description="Check a model directory (model.json, model.wasm, weights.safetensors) as an import would "
-        "and write it as one image into an OCI image layout directory, and/or a tar of one for air-gapped "
-        "transfer. Builds are reproducible: the same directory gives the same digest.",
+        help="build an image from a model directory, an ONNX file or an MLflow model into an OCI layout",
+        description="Write one model image into an OCI image layout directory, and/or a tar of one for "
+        "air-gapped transfer. The source is a model directory (model.json, model.wasm, weights.safetensors, "
+        "checked as an import would), an ONNX file (--onnx), or an MLflow model directory (its MLmodel file: "
+        "the onnx or sklearn flavor); ONNX and MLflow models are converted to the shared kernel library "
+        "(docs/CONVERTER.md). Builds are reproducible: the same source gives the same digest.",
+        epilog="examples:\n"
+        "  edge-agent image build agent/bundled/digits\n"
+        "  edge-agent image build --onnx cnn.onnx --name cnn --version 3\n"
+        "  edge-agent image build ./mlruns/0/abc/artifacts/model --name churn --version 7\n\n"
+        "exit status: 0 built, 65 the model cannot be converted (every refused node is listed), "
+        "66 no such file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("directory", metavar="DIR", help="model directory")
+    p.add_argument("directory", metavar="DIR", nargs="?", help="model directory or MLflow model directory")
+    p.add_argument("--onnx", metavar="MODEL.onnx", help="convert this ONNX model (instead of DIR)")
     p.add_argument("-o", "--output", metavar="LAYOUT", help="layout directory (default: NAME-VERSION.oci)")
     p.add_argument("--tar", metavar="FILE", help="also (or only, without -o) write the layout as a tar")
-    p.add_argument("--name", help="the image's name in the layout (default: the model version)")
+    p.add_argument(
+        "--name",
+        help="ONNX and MLflow sources: the model's name (default: from the file or directory name). "
+        "A model directory names its model in model.json: there --name is the old spelling of --ref-name",
+    )
+    p.add_argument("--version", help="ONNX and MLflow sources: the model's version (default: 1)")
+    p.add_argument("--ref-name", metavar="NAME", help="the image's name in the layout (default: the model version)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        metavar="N",
+        help="ONNX and MLflow sources: most rows per call (default: up to 64, less for models whose "
+        "buffers would exceed 256 MiB)",
+    )
+    p.add_argument(
+        "--model-dir", metavar="DIR", help="ONNX and MLflow sources: also keep the converted model directory here"
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="MLflow sklearn models saved as pickle: load them (a pickle runs code: only for models you trust)",
+    )
     p.set_defaults(func=cmd_build)
 
     p = verbs.add_parser(
@@ -218,7 +249,86 @@ def cmd_build(args: argparse.Namespace) -> int:
     from agent.artefacts import read_model_spec
     from agent.images.layout import build_from_dir, write_tar
 
-    directory = Path(args.directory)
+    if (args.onnx is None) == (args.directory is None):
+        print("edge-agent: give a model directory, an MLflow model directory or --onnx FILE (one)", file=sys.stderr)
+        return exitcodes.USAGE
+    missing = args.onnx if args.onnx is not None else args.directory
+    if not os.path.lexists(missing):
+        print(f"edge-agent: {missing} does not exist", file=sys.stderr)
+        return exitcodes.NOINPUT
+    with tempfile.TemporaryDirectory(prefix="edge-agent-convert-") as scratch:
+        if args.onnx is not None or _is_mlflow(args.directory):
+            directory = _convert_source(args, Path(scratch) / "model")
+            ref_name = args.ref_name
+        else:
+            directory = Path(args.directory)
+            for option in ("version", "max_batch", "model_dir"):
+                if getattr(args, option) is not None:
+                    flag = "--" + option.replace("_", "-")
+                    print(f"edge-agent: {flag} applies to ONNX and MLflow sources only", file=sys.stderr)
+                    return exitcodes.USAGE
+            ref_name = args.ref_name
+            if args.name is not None:
+                print("edge-agent: --name for a model directory is deprecated: use --ref-name", file=sys.stderr)
+                ref_name = ref_name or args.name
+        return _build_layout(args, directory, ref_name, read_model_spec, build_from_dir, write_tar)
+
+
+def _is_mlflow(directory: str) -> bool:
+    from agent.convert.sources import is_mlflow_dir
+
+    return is_mlflow_dir(Path(directory)) and not (Path(directory) / "model.json").exists()
+
+
+def _convert_source(args: argparse.Namespace, out: Path) -> Path:
+    """Convert the ONNX file or MLflow directory into a model directory at ``out``."""
+    try:
+        from agent.convert.build import convert, write_model_dir
+        from agent.convert.sources import from_mlflow_dir, from_onnx_file
+    except ImportError as exc:
+        raise ConversionRefused(
+            f"converting models needs the convert extra: pip install 'edge-agent[convert]' ({exc.name} is missing)"
+        ) from exc
+    if args.onnx is not None:
+        source = from_onnx_file(Path(args.onnx))
+    else:
+        source = from_mlflow_dir(Path(args.directory), allow_pickle=args.allow_pickle)
+    name = args.name or source.name
+    version = args.version or "1"
+
+    def progress(message: str) -> None:
+        print(f"edge-agent: {message}", file=sys.stderr, flush=True)
+
+    converted = convert(
+        source.model,
+        name=name,
+        version=version,
+        max_batch=args.max_batch,
+        description=source.description,
+        progress=progress,
+    )
+    write_model_dir(converted, out)
+    if args.model_dir:
+        write_model_dir(converted, Path(args.model_dir))
+        progress(f"model directory written to {args.model_dir}")
+    doc = converted.doc
+    progress(
+        f"converted {len(converted.graph.nodes)} nodes into {len(converted.plan.ops)} kernel calls; "
+        f"max batch {doc['max_batch']}, memory limit {doc['resources']['memory_limit_mb']} MiB"
+    )
+    return out
+
+
+def _build_layout(
+    args: argparse.Namespace,
+    directory: Path,
+    ref_name: str | None,
+    read_model_spec: Any,
+    build_from_dir: Any,
+    write_tar: Any,
+) -> int:
+    import tempfile
+
     if not directory.is_dir():
         print(f"edge-agent: {directory} is not a directory", file=sys.stderr)
         return exitcodes.NOINPUT
@@ -230,7 +340,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         output = Path(f"{named.name}-{named.version}.oci")
     with tempfile.TemporaryDirectory(prefix="edge-agent-build-") as tmp:
         layout_dir = output if output is not None else Path(tmp) / "layout"
-        built = build_from_dir(directory, layout_dir, args.name)
+        built = build_from_dir(directory, layout_dir, ref_name)
         if args.tar:
             write_tar(layout_dir, Path(args.tar))
     spec = built.spec

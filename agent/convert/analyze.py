@@ -135,7 +135,10 @@ def analyze(
             continue
         dims: list[int] = []
         for axis, dim in enumerate(tensor_type.shape.dim):
-            known = dim.HasField("dim_value") and dim.dim_value > 0
+            # An empty dimension (0) is a size like any other, except as the batch.
+            known = dim.HasField("dim_value") and (
+                dim.dim_value > 0 or (dim.dim_value == 0 and not (axis == 0 and batched))
+            )
             if axis == 0 and batched:
                 if known:
                     fixed_first_dims.add(int(dim.dim_value))
@@ -192,6 +195,10 @@ def analyze(
             problems.append(f"{node.label}: control flow (subgraphs) is not supported")
         nodes.append(node)
     outputs = [vi.name for vi in graph_proto.output]
+    for vi in graph_proto.output:
+        declared = vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else 0
+        if declared and declared not in ONNX_DTYPES:
+            problems.append(f"output {vi.name!r} has element type {_type_name(declared)}; {_dtypes_text()}")
     if problems:
         raise ConversionRefused("the model cannot be converted:", problems)
 
@@ -244,8 +251,13 @@ def analyze(
     if batched and not one_row_only:
         _check_rows_independent(model, inputs, values, input_shapes, outputs)
 
-    # Folded: nodes whose every output is a build-time constant.
-    live = [n for n in nodes if not all(values[o].is_const for o in n.outputs if o and o in values)]
+    # Folded: nodes whose every output is known at build time (a constant, or shape arithmetic
+    # on the batch size, which the ops reading it take from the analysed shapes).
+    live = [
+        n
+        for n in nodes
+        if not all(values[o].is_const or values[o].batch_valued for o in n.outputs if o and o in values)
+    ]
     graph = Graph(nodes=live, values=values, inputs=inputs, outputs=outputs, batched=batched, opsets=opsets)
     if one_row_only:
         for value in graph.values.values():

@@ -21,7 +21,7 @@ import numpy as np
 from agent.convert.analyze import analyze, load_model
 from agent.convert.ir import OIP_DATATYPES, Graph
 from agent.convert.kernels import kernel_module
-from agent.convert.lower import Lowerer, Unsupported
+from agent.convert.lower import Lowerer, Unsupported, Upstream
 from agent.convert.plan import Plan
 from agent.errors import ConversionRefused, InvalidModel, ModelError
 from agent.spec import SCHEMA
@@ -32,9 +32,10 @@ DEFAULT_MAX_BATCH = 64
 # max_batch is chosen automatically (a larger model gets a smaller max_batch).
 AUTO_BATCH_BUDGET = 256 << 20
 MIB = 1 << 20
-# Highest ai.onnx op definition the lowerings implement. Opset 22 changed only the element
-# types many ops accept (bfloat16 and the like), not their semantics, so it is taken too.
-MAX_OPSET = 22
+# Opsets 7..21 are the target. The revisions of the supported ops in opsets 22..25 changed
+# only the element types they accept (bfloat16, float8, int4...), which the lowerings refuse
+# by dtype anyway, so models and ONNX's own node tests at those opsets convert too.
+MAX_OPSET = 25
 MIN_OPSET = 7
 
 Progress = Callable[[str], None]
@@ -137,6 +138,9 @@ def lower_graph(graph: Graph) -> Plan:
             assert fn is not None
             try:
                 fn(node, lw)
+            except Upstream as exc:
+                if not problems:  # nothing upstream was refused: then this is the problem
+                    problem = str(exc)
             except Unsupported as exc:
                 problem = str(exc)
         if problem is not None:
@@ -182,6 +186,8 @@ def _io_spec(graph: Graph, name: str) -> dict[str, Any]:
     value = graph.values[name]
     if value.dtype not in OIP_DATATYPES:
         raise ConversionRefused(f"tensor {name!r} has element type {value.dtype}, which the inference API cannot carry")
+    if 0 in value.shape[1 if graph.batched or graph.one_row else 0 :]:
+        raise ConversionRefused(f"tensor {name!r} has an empty dimension {list(value.shape)}: it cannot be served")
     # Unbatched (conformance) models: a "row" is the whole tensor.
     shape = [-1, *value.shape[1:]] if graph.batched or graph.one_row else [-1, *value.shape]
     return {"name": name, "datatype": OIP_DATATYPES[value.dtype], "shape": shape}

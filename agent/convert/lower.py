@@ -25,6 +25,10 @@ class Unsupported(Exception):
     """This node cannot be lowered; the message says why (the node is named by the caller)."""
 
 
+class Upstream(Unsupported):
+    """An input comes from a node that was itself refused: reported there, not again here."""
+
+
 class Lowerer:
     def __init__(self, graph: Graph):
         self.graph = graph
@@ -74,7 +78,7 @@ class Lowerer:
             tid = self.const(value.const, name)
             self._tensor_of[name] = tid
             return tid
-        raise Unsupported(f"input {index} ({name!r}) is used before any node computes it")
+        raise Upstream(f"input {index} ({name!r}) is used before any node computes it")
 
     def output(self, node: Node, index: int) -> int:
         """The tensor id that output ``index`` is written to."""
@@ -178,4 +182,4 @@ class Lowerer:
         ]
 
 
-__all__ = ["LOC_ALIAS", "LOC_ARENA", "LOC_INPUT", "LOC_OUTPUT", "LOC_PARAM", "Lowerer", "Unsupported"]
+__all__ = ["LOC_ALIAS", "LOC_ARENA", "LOC_INPUT", "LOC_OUTPUT", "LOC_PARAM", "Lowerer", "Unsupported", "Upstream"]

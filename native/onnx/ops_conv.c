@@ -5,6 +5,6 @@
 
 ea_kernel_fn ea_ops_conv(uint32_t opcode) {
   switch (opcode & 63u) {
-  default: return 0;
+  default: return ea_ops_pool(opcode); /* opcodes 32..63: ops_pool.c */
   }
 }

@@ -112,6 +112,7 @@ ea_kernel_fn ea_ops_unary(uint32_t opcode);
 ea_kernel_fn ea_ops_binary(uint32_t opcode);
 ea_kernel_fn ea_ops_linear(uint32_t opcode);
 ea_kernel_fn ea_ops_conv(uint32_t opcode);
+ea_kernel_fn ea_ops_pool(uint32_t opcode); /* conv family opcodes 32..63 (ops_pool.c) */
 ea_kernel_fn ea_ops_norm(uint32_t opcode);
 ea_kernel_fn ea_ops_shape(uint32_t opcode);
 ea_kernel_fn ea_ops_reduce(uint32_t opcode);

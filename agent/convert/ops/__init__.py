@@ -18,6 +18,8 @@ Lowering = Callable[[Node, Lowerer], None]
 LOWERINGS: dict[tuple[str, str], Lowering] = {}
 FAMILIES = ("core", "unary", "binary", "linear", "conv", "norm", "shape", "reduce", "quant", "ml")
 FAMILY_BASE = {name: index * 64 for index, name in enumerate(FAMILIES)}
+# Lowering modules that share a family's opcode space (pool: the "conv" family's opcodes 32..63).
+EXTRA_MODULES = ("pool",)
 
 
 def lowering(*op_types: str, domain: str = "") -> Callable[[Lowering], Lowering]:
@@ -35,14 +37,14 @@ def lowering(*op_types: str, domain: str = "") -> Callable[[Lowering], Lowering]
 
 
 def load_all() -> None:
-    for family in FAMILIES:
+    for family in (*FAMILIES, *EXTRA_MODULES):
         import_module(f"agent.convert.ops.{family}")
 
 
 def all_opcodes() -> dict[str, int]:
     load_all()
     table: dict[str, int] = {}
-    for family in FAMILIES:
+    for family in (*FAMILIES, *EXTRA_MODULES):
         module = import_module(f"agent.convert.ops.{family}")
         for name, code in getattr(module, "OPCODES", {}).items():
             table[f"{family}.{name}"] = code

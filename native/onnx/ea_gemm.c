@@ -1,0 +1,254 @@
+/*
+ * ea_gemm.c: the SGEMM behind Gemm, MatMul and Conv (see ea_gemm.h).
+ *
+ * GotoBLAS/BLIS structure: the N, K and M dimensions are cut into blocks that
+ * fit the caches (NC, KC, MC), and a register-blocked micro-kernel computes an
+ * EA_MR x EA_NR tile of C in 2*EA_MR f32x4 accumulators over one K block. A
+ * comes in packed panels (its EA_MR values for one k are adjacent: one splat
+ * load each); B either in packed panels or straight from a row-major matrix
+ * (one NR-wide row segment per k), so that a Conv's input or im2col buffer needs
+ * no second copy.
+ *
+ * Multiply-add: relaxed SIMD's f32x4.relaxed_madd (fused on hardware with FMA).
+ * clang 14 knows it only under its pre-standard name and opcode
+ * (__builtin_wasm_fma_f32x4, 0xfd 0xaf), which the build rewrites to the
+ * standard opcode after linking (native/onnx/relaxed_fixup.py); the operands
+ * are then a * b + c.
+ */
+#include "ea_gemm.h"
+
+#ifndef EA_GEMM_FMA
+#define EA_GEMM_FMA 1
+#endif
+
+#if EA_GEMM_FMA
+#define MADD(a, b, c) ((v128_t)__builtin_wasm_fma_f32x4((__f32x4)(a), (__f32x4)(b), (__f32x4)(c)))
+#else
+#define MADD(a, b, c) wasm_f32x4_add(wasm_f32x4_mul((a), (b)), (c))
+#endif
+
+#define NV (EA_NR / 4)
+#define KC 256
+#define MC 128
+#define NC 512
+
+/* ea_activation_f32 (ops_unary.c) applies the activations the micro-kernel does not inline. */
+void ea_activation_f32(float *x, int32_t n, int32_t kind, float alpha, float beta);
+
+enum { INIT_ZERO, INIT_C, INIT_ROW, INIT_COL };
+
+/* One R x NR tile over kc values of k: c = act(alpha * a.b + init). R and U (independent
+   accumulator sets, for short tiles whose single chain would wait on the FMA latency) are
+   constants at every call site, so the accumulators live in registers. */
+static inline __attribute__((always_inline)) void tile(const int R, const int U, int32_t kc, const float *restrict a,
+                                                        const float *restrict b, int32_t ldb, float *restrict c,
+                                                        int32_t ldc, int init, const float *bias_r, const float *bias_c,
+                                                        float alpha, const ea_act_t *act, int last) {
+  v128_t acc[U][EA_MR][NV];
+  for (int u = 0; u < U; u++)
+    for (int r = 0; r < R; r++)
+      for (int v = 0; v < NV; v++) acc[u][r][v] = wasm_f32x4_const_splat(0.0f);
+  int32_t k = 0;
+  if (U > 1) {
+    for (; k + U <= kc; k += U) {
+      for (int u = 0; u < U; u++) {
+        v128_t bv[NV];
+        for (int v = 0; v < NV; v++) bv[v] = wasm_v128_load(b + u * ldb + 4 * v);
+        for (int r = 0; r < R; r++) {
+          v128_t av = wasm_v128_load32_splat(a + u * EA_MR + r);
+          for (int v = 0; v < NV; v++) acc[u][r][v] = MADD(av, bv[v], acc[u][r][v]);
+        }
+      }
+      a += U * EA_MR;
+      b += U * ldb;
+    }
+  }
+  for (; k < kc; k++) {
+    v128_t bv[NV];
+    for (int v = 0; v < NV; v++) bv[v] = wasm_v128_load(b + 4 * v);
+    for (int r = 0; r < R; r++) {
+      v128_t av = wasm_v128_load32_splat(a + r);
+      for (int v = 0; v < NV; v++) acc[0][r][v] = MADD(av, bv[v], acc[0][r][v]);
+    }
+    a += EA_MR;
+    b += ldb;
+  }
+  for (int u = 1; u < U; u++)
+    for (int r = 0; r < R; r++)
+      for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_add(acc[0][r][v], acc[u][r][v]);
+  if (alpha != 1.0f) {
+    v128_t s = wasm_f32x4_splat(alpha);
+    for (int r = 0; r < R; r++)
+      for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_mul(acc[0][r][v], s);
+  }
+  switch (init) {
+  case INIT_C:
+    for (int r = 0; r < R; r++)
+      for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_add(acc[0][r][v], wasm_v128_load(c + r * ldc + 4 * v));
+    break;
+  case INIT_ROW:
+    for (int r = 0; r < R; r++) {
+      v128_t s = wasm_v128_load32_splat(bias_r + r);
+      for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_add(acc[0][r][v], s);
+    }
+    break;
+  case INIT_COL:
+    for (int v = 0; v < NV; v++) {
+      v128_t s = wasm_v128_load(bias_c + 4 * v);
+      for (int r = 0; r < R; r++) acc[0][r][v] = wasm_f32x4_add(acc[0][r][v], s);
+    }
+    break;
+  default: break;
+  }
+  if (last) {
+    if (act->mode == EA_ACT_CLAMP) {
+      v128_t lo = wasm_f32x4_splat(act->lo), hi = wasm_f32x4_splat(act->hi);
+      for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_pmin(hi, wasm_f32x4_pmax(lo, acc[0][r][v]));
+    } else if (act->mode == EA_ACT_LEAKY) {
+      v128_t s = wasm_f32x4_splat(act->slope);
+      for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_pmax(wasm_f32x4_mul(acc[0][r][v], s), acc[0][r][v]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int v = 0; v < NV; v++) wasm_v128_store(c + r * ldc + 4 * v, acc[0][r][v]);
+}
+
+static void tile_any(int32_t rows, int32_t kc, const float *a, const float *b, int32_t ldb, float *c, int32_t ldc,
+                     int init, const float *bias_r, const float *bias_c, float alpha, const ea_act_t *act, int last) {
+  switch (rows) {
+  case 1: tile(1, 4, kc, a, b, ldb, c, ldc, init, bias_r, bias_c, alpha, act, last); break;
+  case 2: tile(2, 2, kc, a, b, ldb, c, ldc, init, bias_r, bias_c, alpha, act, last); break;
+#if EA_MR >= 3
+  case 3: tile(3, 1, kc, a, b, ldb, c, ldc, init, bias_r, bias_c, alpha, act, last); break;
+#endif
+#if EA_MR >= 4
+  case 4: tile(4, 1, kc, a, b, ldb, c, ldc, init, bias_r, bias_c, alpha, act, last); break;
+#endif
+#if EA_MR >= 5
+  case 5: tile(5, 1, kc, a, b, ldb, c, ldc, init, bias_r, bias_c, alpha, act, last); break;
+#endif
+#if EA_MR >= 6
+  case 6: tile(6, 1, kc, a, b, ldb, c, ldc, init, bias_r, bias_c, alpha, act, last); break;
+#endif
+  default: break;
+  }
+}
+
+/* The partial last column panel of a row-major B, zero-padded to NR; and a C tile. */
+static float edge_b[KC * EA_NR] __attribute__((aligned(16)));
+static float edge_c[EA_MR * EA_NR] __attribute__((aligned(16)));
+
+void ea_act_apply(const ea_act_t *act, float *x, int32_t n) {
+  int32_t i = 0;
+  switch (act->mode) {
+  case EA_ACT_CLAMP: {
+    v128_t lo = wasm_f32x4_splat(act->lo), hi = wasm_f32x4_splat(act->hi);
+    for (; i + 4 <= n; i += 4) wasm_v128_store(x + i, wasm_f32x4_pmin(hi, wasm_f32x4_pmax(lo, wasm_v128_load(x + i))));
+    for (; i < n; i++) {
+      float v = x[i] < act->lo ? act->lo : x[i];
+      x[i] = v > act->hi ? act->hi : v;
+    }
+    break;
+  }
+  case EA_ACT_LEAKY: {
+    v128_t s = wasm_f32x4_splat(act->slope);
+    for (; i + 4 <= n; i += 4) {
+      v128_t v = wasm_v128_load(x + i);
+      wasm_v128_store(x + i, wasm_f32x4_pmax(wasm_f32x4_mul(v, s), v));
+    }
+    for (; i < n; i++) x[i] = x[i] * act->slope > x[i] ? x[i] * act->slope : x[i];
+    break;
+  }
+  case EA_ACT_EXTERNAL: ea_activation_f32(x, n, act->kind, act->alpha, act->beta); break;
+  default: break;
+  }
+}
+
+void ea_gemm_pack_a(const float *src, int32_t M, int32_t K, int32_t rs, int32_t cs, float *dst) {
+  for (int32_t i0 = 0; i0 < M; i0 += EA_MR) {
+    int32_t rows = EA_MIN(EA_MR, M - i0);
+    float *d = dst + (size_t)i0 * K;
+    if (cs == 1 && rows == EA_MR) {
+      const float *s0 = src + (size_t)i0 * rs;
+      for (int32_t k = 0; k < K; k++)
+        for (int32_t r = 0; r < EA_MR; r++) d[k * EA_MR + r] = s0[(size_t)r * rs + k];
+      continue;
+    }
+    for (int32_t k = 0; k < K; k++)
+      for (int32_t r = 0; r < EA_MR; r++)
+        d[k * EA_MR + r] = r < rows ? src[(size_t)(i0 + r) * rs + (size_t)k * cs] : 0.0f;
+  }
+}
+
+int32_t ea_gemm(const ea_gemm_t *g) {
+  const int32_t M = g->M, N = g->N, K = g->K;
+  if (M <= 0 || N <= 0) return EA_OK;
+  int first_init = g->c_init ? INIT_C : g->bias_row ? INIT_ROW : g->bias_col ? INIT_COL : INIT_ZERO;
+  if (K <= 0) {
+    /* Empty sum: C = act(init). */
+    for (int32_t i = 0; i < M; i++) {
+      float *row = g->c + (size_t)i * g->ldc;
+      for (int32_t j = 0; j < N; j++) {
+        float v = first_init == INIT_C ? row[j] : first_init == INIT_ROW ? g->bias_row[i] : first_init == INIT_COL ? g->bias_col[j] : 0.0f;
+        row[j] = v;
+      }
+      ea_act_apply(&g->act, row, N);
+    }
+    return EA_OK;
+  }
+  for (int32_t jc = 0; jc < N; jc += NC) {
+    int32_t nc = EA_MIN(NC, N - jc);
+    for (int32_t pc = 0; pc < K; pc += KC) {
+      int32_t kc = EA_MIN(KC, K - pc);
+      int first = pc == 0, last = pc + kc == K;
+      int init = first ? first_init : INIT_C;
+      int32_t jr_edge = nc - nc % EA_NR; /* start of the partial panel (== nc when none) */
+      if (!g->b_packed && jr_edge < nc) {
+        int32_t nv = nc - jr_edge;
+        const float *src = g->b + (size_t)pc * g->ldb + jc + jr_edge;
+        for (int32_t k = 0; k < kc; k++)
+          for (int32_t t = 0; t < EA_NR; t++) edge_b[k * EA_NR + t] = t < nv ? src[(size_t)k * g->ldb + t] : 0.0f;
+      }
+      for (int32_t ic = 0; ic < M; ic += MC) {
+        int32_t mc = EA_MIN(MC, M - ic);
+        for (int32_t jr = 0; jr < nc; jr += EA_NR) {
+          int32_t j = jc + jr, nv = EA_MIN(EA_NR, nc - jr);
+          const float *bp;
+          int32_t ldb;
+          if (g->b_packed) {
+            bp = g->b + (size_t)(j / EA_NR) * K * EA_NR + (size_t)pc * EA_NR;
+            ldb = EA_NR;
+          } else if (nv == EA_NR) {
+            bp = g->b + (size_t)pc * g->ldb + j;
+            ldb = g->ldb;
+          } else {
+            bp = edge_b;
+            ldb = EA_NR;
+          }
+          const float *bias_c = g->bias_col ? g->bias_col + j : 0;
+          for (int32_t ir = 0; ir < mc; ir += EA_MR) {
+            int32_t i = ic + ir, mv = EA_MIN(EA_MR, M - i);
+            const float *ap = g->a + (size_t)i * K + (size_t)pc * EA_MR;
+            const float *bias_r = g->bias_row ? g->bias_row + i : 0;
+            float *cp = g->c + (size_t)i * g->ldc + j;
+            if (nv == EA_NR) {
+              tile_any(mv, kc, ap, bp, ldb, cp, g->ldc, init, bias_r, bias_c, g->alpha, &g->act, last);
+            } else {
+              if (init == INIT_C)
+                for (int32_t r = 0; r < mv; r++)
+                  for (int32_t t = 0; t < nv; t++) edge_c[r * EA_NR + t] = cp[(size_t)r * g->ldc + t];
+              tile_any(mv, kc, ap, bp, ldb, edge_c, EA_NR, init, bias_r, bias_c, g->alpha, &g->act, last);
+              for (int32_t r = 0; r < mv; r++)
+                for (int32_t t = 0; t < nv; t++) cp[(size_t)r * g->ldc + t] = edge_c[r * EA_NR + t];
+            }
+          }
+        }
+        if (last && g->act.mode == EA_ACT_EXTERNAL)
+          for (int32_t i = ic; i < ic + mc; i++) ea_act_apply(&g->act, g->c + (size_t)i * g->ldc + jc, nc);
+      }
+    }
+  }
+  return EA_OK;
+}

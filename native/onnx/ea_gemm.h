@@ -1,0 +1,83 @@
+/*
+ * ea_gemm.h: the single-precision GEMM shared by ops_linear.c (Gemm, MatMul) and
+ * ops_conv.c (Conv through im2col), with a fused epilogue (bias, activation).
+ *
+ *   C[M,N] = act(A[M,K] . B[K,N] + init)
+ *
+ * A is always in packed panels of EA_MR rows: panel p holds rows p*EA_MR.. as
+ * [K][EA_MR] (zero rows past M). Constant operands are packed at build time by
+ * agent/convert/ops/linear.py and conv.py (which know EA_MR and EA_NR: keep
+ * them in step); run-time operands are packed by ea_gemm_pack_a.
+ *
+ * B is either packed in panels of EA_NR columns ([ceil(N/NR)][K][NR], zero
+ * columns past N) or a plain row-major matrix (row stride ldb): a Conv's input
+ * or im2col buffer, a run-time MatMul operand.
+ */
+#ifndef EA_GEMM_H
+#define EA_GEMM_H
+
+#include <wasm_simd128.h>
+
+#include "ea_math.h"
+
+#define EA_MR 4
+#define EA_NR 8
+
+/* Epilogue modes (iattr "act_mode" of Gemm/MatMul/Conv ops). */
+enum {
+  EA_ACT_NONE = 0,
+  EA_ACT_CLAMP = 1,    /* min(max(x, lo), hi): Relu, Clip, Relu6 */
+  EA_ACT_LEAKY = 2,    /* max(x, slope*x), 0 <= slope <= 1: LeakyRelu */
+  EA_ACT_EXTERNAL = 3, /* ea_activation_f32(kind, alpha, beta) on each finished row */
+};
+
+typedef struct {
+  int32_t mode;
+  int32_t kind; /* EA_ACT_EXTERNAL: ea_activation_f32's kind */
+  float lo, hi, slope;
+  float alpha, beta; /* EA_ACT_EXTERNAL */
+} ea_act_t;
+
+typedef struct {
+  int32_t M, N, K;
+  const float *a; /* packed A panels, panel stride K*EA_MR */
+  /* B: packed panels (b_packed) or row-major with row stride ldb. */
+  const float *b;
+  int32_t b_packed;
+  int32_t ldb;
+  float *c;
+  int32_t ldc;
+  /* Initial value of C (exclusive): bias per row (length >= ceil(M/MR)*MR), bias per
+     column (length >= ceil(N/NR)*NR), C's own contents (c_init), or zero. */
+  const float *bias_row;
+  const float *bias_col;
+  int32_t c_init;
+  float alpha; /* scales A.B (not the initial value) */
+  ea_act_t act;
+} ea_gemm_t;
+
+/* C = act(alpha * A.B + init). Returns EA_OK or EA_ERR_NOMEM (scratch). */
+int32_t ea_gemm(const ea_gemm_t *g);
+
+/* Packs rows [0,M) of A(i,k) = src[i*rs + k*cs] into panels at dst
+   (ceil(M/MR)*K*MR floats). */
+void ea_gemm_pack_a(const float *src, int32_t M, int32_t K, int32_t rs, int32_t cs, float *dst);
+
+/* Floats of packed A for M rows. */
+static inline int32_t ea_gemm_packed_a_size(int32_t M, int32_t K) { return (M + EA_MR - 1) / EA_MR * EA_MR * K; }
+
+/* Reads the epilogue from iattr[at..at+2) (mode, kind) and fattr[ft..ft+5) (lo, hi, slope, alpha, beta). */
+static inline void ea_act_read(const ea_op_t *op, int32_t at, int32_t ft, ea_act_t *act) {
+  act->mode = op->iattr[at];
+  act->kind = op->iattr[at + 1];
+  act->lo = op->fattr[ft];
+  act->hi = op->fattr[ft + 1];
+  act->slope = op->fattr[ft + 2];
+  act->alpha = op->fattr[ft + 3];
+  act->beta = op->fattr[ft + 4];
+}
+
+/* Applies an epilogue to n contiguous floats (paths that do not go through ea_gemm). */
+void ea_act_apply(const ea_act_t *act, float *x, int32_t n);
+
+#endif /* EA_GEMM_H */
