@@ -82,6 +82,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_plain_http(p)
     p.add_argument("layout", metavar="LAYOUT[:NAME]")
     p.add_argument("ref", metavar="REF")
+    p.add_argument(
+        "--sign-key",
+        metavar="KEY",
+        help="then sign the pushed image with this private key, as 'image sign REF --key KEY' would",
+    )
     p.set_defaults(func=cmd_push)
 
     p = verbs.add_parser(
@@ -354,17 +359,24 @@ def _build_layout(
 
 def cmd_push(args: argparse.Namespace) -> int:
     from agent.images.layout import open_layout, split_layout_arg
-    from agent.images.push import push_layout
+    from agent.images.push import push_layout, sign_image
     from agent.images.settings import RegistrySettings
+    from agent.images.signing import load_private_key
 
     config = _config(args)
+    settings = RegistrySettings.from_config(config)
+    # The key is read (and its password asked for) before anything is uploaded.
+    key = load_private_key(Path(args.sign_key), _password_for("sign")) if args.sign_key else None
     path, name = split_layout_arg(args.layout)
     with open_layout(path.resolve()) as layout:
-        result = push_layout(layout, name, args.ref, RegistrySettings.from_config(config))
+        result = push_layout(layout, name, args.ref, settings)
     print(
         f"pushed {result.ref} ({result.uploaded} blob(s) uploaded, {result.skipped} already there)"
         + (f"; its signature went along as {result.signature}" if result.signature else "")
     )
+    if key is not None:
+        digest, tag = sign_image(args.ref, key, settings)
+        print(f"signed {args.ref} ({digest}); signature stored at tag {tag}")
     return exitcodes.OK
 
 

@@ -33,17 +33,17 @@
 #define NC 512
 
 /* ea_activation_f32 (ops_unary.c) applies the activations the micro-kernel does not inline. */
-void ea_activation_f32(float *x, int32_t n, int32_t kind, float alpha, float beta);
+__attribute__((weak)) void ea_activation_f32(float *x, int32_t n, int32_t kind, float alpha, float beta);
 
-enum { INIT_ZERO, INIT_C, INIT_ROW, INIT_COL };
-
-/* One R x NR tile over kc values of k: c = act(alpha * a.b + init). R and U (independent
-   accumulator sets, for short tiles whose single chain would wait on the FMA latency) are
-   constants at every call site, so the accumulators live in registers. */
+/* One R x NR tile over kc values of k: c = act(alpha * a.b + src + bias_r + bias_c), each of
+   src, bias_r, bias_c optional (NULL). R and U (independent accumulator sets, for short tiles
+   whose single chain would wait on the FMA latency) are constants at every call site, so the
+   accumulators live in registers. */
 static inline __attribute__((always_inline)) void tile(const int R, const int U, int32_t kc, const float *restrict a,
-                                                        const float *restrict b, int32_t ldb, float *restrict c,
-                                                        int32_t ldc, int init, const float *bias_r, const float *bias_c,
-                                                        float alpha, const ea_act_t *act, int last) {
+                                                        const float *restrict b, int32_t ldb, float *c, int32_t ldc,
+                                                        const float *src, int32_t lds, const float *bias_r,
+                                                        const float *bias_c, float alpha, const ea_act_t *act,
+                                                        int last) {
   v128_t acc[U][EA_MR][NV];
   for (int u = 0; u < U; u++)
     for (int r = 0; r < R; r++)
@@ -81,25 +81,19 @@ static inline __attribute__((always_inline)) void tile(const int R, const int U,
     for (int r = 0; r < R; r++)
       for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_mul(acc[0][r][v], s);
   }
-  switch (init) {
-  case INIT_C:
+  if (src)
     for (int r = 0; r < R; r++)
-      for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_add(acc[0][r][v], wasm_v128_load(c + r * ldc + 4 * v));
-    break;
-  case INIT_ROW:
+      for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_add(acc[0][r][v], wasm_v128_load(src + r * lds + 4 * v));
+  if (bias_r)
     for (int r = 0; r < R; r++) {
       v128_t s = wasm_v128_load32_splat(bias_r + r);
       for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_add(acc[0][r][v], s);
     }
-    break;
-  case INIT_COL:
+  if (bias_c)
     for (int v = 0; v < NV; v++) {
       v128_t s = wasm_v128_load(bias_c + 4 * v);
       for (int r = 0; r < R; r++) acc[0][r][v] = wasm_f32x4_add(acc[0][r][v], s);
     }
-    break;
-  default: break;
-  }
   if (last) {
     if (act->mode == EA_ACT_CLAMP) {
       v128_t lo = wasm_f32x4_splat(act->lo), hi = wasm_f32x4_splat(act->hi);
@@ -116,29 +110,33 @@ static inline __attribute__((always_inline)) void tile(const int R, const int U,
 }
 
 static void tile_any(int32_t rows, int32_t kc, const float *a, const float *b, int32_t ldb, float *c, int32_t ldc,
-                     int init, const float *bias_r, const float *bias_c, float alpha, const ea_act_t *act, int last) {
+                     const float *src, int32_t lds, const float *bias_r, const float *bias_c, float alpha,
+                     const ea_act_t *act, int last) {
+#define EA_TILE(R, U) tile(R, U, kc, a, b, ldb, c, ldc, src, lds, bias_r, bias_c, alpha, act, last)
   switch (rows) {
-  case 1: tile(1, 4, kc, a, b, ldb, c, ldc, init, bias_r, bias_c, alpha, act, last); break;
-  case 2: tile(2, 2, kc, a, b, ldb, c, ldc, init, bias_r, bias_c, alpha, act, last); break;
+  case 1: EA_TILE(1, 4); break;
+  case 2: EA_TILE(2, 2); break;
 #if EA_MR >= 3
-  case 3: tile(3, 1, kc, a, b, ldb, c, ldc, init, bias_r, bias_c, alpha, act, last); break;
+  case 3: EA_TILE(3, 1); break;
 #endif
 #if EA_MR >= 4
-  case 4: tile(4, 1, kc, a, b, ldb, c, ldc, init, bias_r, bias_c, alpha, act, last); break;
+  case 4: EA_TILE(4, 1); break;
 #endif
 #if EA_MR >= 5
-  case 5: tile(5, 1, kc, a, b, ldb, c, ldc, init, bias_r, bias_c, alpha, act, last); break;
+  case 5: EA_TILE(5, 1); break;
 #endif
 #if EA_MR >= 6
-  case 6: tile(6, 1, kc, a, b, ldb, c, ldc, init, bias_r, bias_c, alpha, act, last); break;
+  case 6: EA_TILE(6, 1); break;
 #endif
   default: break;
   }
+#undef EA_TILE
 }
 
 /* The partial last column panel of a row-major B, zero-padded to NR; and a C tile. */
 static float edge_b[KC * EA_NR] __attribute__((aligned(16)));
 static float edge_c[EA_MR * EA_NR] __attribute__((aligned(16)));
+static float edge_s[EA_MR * EA_NR] __attribute__((aligned(16)));
 
 void ea_act_apply(const ea_act_t *act, float *x, int32_t n) {
   int32_t i = 0;
@@ -185,15 +183,13 @@ void ea_gemm_pack_a(const float *src, int32_t M, int32_t K, int32_t rs, int32_t 
 int32_t ea_gemm(const ea_gemm_t *g) {
   const int32_t M = g->M, N = g->N, K = g->K;
   if (M <= 0 || N <= 0) return EA_OK;
-  int first_init = g->c_init ? INIT_C : g->bias_row ? INIT_ROW : g->bias_col ? INIT_COL : INIT_ZERO;
   if (K <= 0) {
     /* Empty sum: C = act(init). */
     for (int32_t i = 0; i < M; i++) {
       float *row = g->c + (size_t)i * g->ldc;
-      for (int32_t j = 0; j < N; j++) {
-        float v = first_init == INIT_C ? row[j] : first_init == INIT_ROW ? g->bias_row[i] : first_init == INIT_COL ? g->bias_col[j] : 0.0f;
-        row[j] = v;
-      }
+      for (int32_t j = 0; j < N; j++)
+        row[j] = (g->init ? g->init[(size_t)i * g->ld_init + j] : 0.0f) + (g->bias_row ? g->bias_row[i] : 0.0f) +
+                 (g->bias_col ? g->bias_col[j] : 0.0f);
       ea_act_apply(&g->act, row, N);
     }
     return EA_OK;
@@ -203,13 +199,12 @@ int32_t ea_gemm(const ea_gemm_t *g) {
     for (int32_t pc = 0; pc < K; pc += KC) {
       int32_t kc = EA_MIN(KC, K - pc);
       int first = pc == 0, last = pc + kc == K;
-      int init = first ? first_init : INIT_C;
       int32_t jr_edge = nc - nc % EA_NR; /* start of the partial panel (== nc when none) */
       if (!g->b_packed && jr_edge < nc) {
         int32_t nv = nc - jr_edge;
-        const float *src = g->b + (size_t)pc * g->ldb + jc + jr_edge;
+        const float *bsrc = g->b + (size_t)pc * g->ldb + jc + jr_edge;
         for (int32_t k = 0; k < kc; k++)
-          for (int32_t t = 0; t < EA_NR; t++) edge_b[k * EA_NR + t] = t < nv ? src[(size_t)k * g->ldb + t] : 0.0f;
+          for (int32_t t = 0; t < EA_NR; t++) edge_b[k * EA_NR + t] = t < nv ? bsrc[(size_t)k * g->ldb + t] : 0.0f;
       }
       for (int32_t ic = 0; ic < M; ic += MC) {
         int32_t mc = EA_MIN(MC, M - ic);
@@ -227,19 +222,31 @@ int32_t ea_gemm(const ea_gemm_t *g) {
             bp = edge_b;
             ldb = EA_NR;
           }
-          const float *bias_c = g->bias_col ? g->bias_col + j : 0;
+          const float *bias_c = first && g->bias_col ? g->bias_col + j : 0;
           for (int32_t ir = 0; ir < mc; ir += EA_MR) {
             int32_t i = ic + ir, mv = EA_MIN(EA_MR, M - i);
             const float *ap = g->a + (size_t)i * K + (size_t)pc * EA_MR;
-            const float *bias_r = g->bias_row ? g->bias_row + i : 0;
+            const float *bias_r = first && g->bias_row ? g->bias_row + i : 0;
             float *cp = g->c + (size_t)i * g->ldc + j;
+            const float *src = 0;
+            int32_t lds = 0;
+            if (!first) {
+              src = cp;
+              lds = g->ldc;
+            } else if (g->init) {
+              src = g->init + (size_t)i * g->ld_init + j;
+              lds = g->ld_init;
+            }
             if (nv == EA_NR) {
-              tile_any(mv, kc, ap, bp, ldb, cp, g->ldc, init, bias_r, bias_c, g->alpha, &g->act, last);
+              tile_any(mv, kc, ap, bp, ldb, cp, g->ldc, src, lds, bias_r, bias_c, g->alpha, &g->act, last);
             } else {
-              if (init == INIT_C)
+              if (src) {
                 for (int32_t r = 0; r < mv; r++)
-                  for (int32_t t = 0; t < nv; t++) edge_c[r * EA_NR + t] = cp[(size_t)r * g->ldc + t];
-              tile_any(mv, kc, ap, bp, ldb, edge_c, EA_NR, init, bias_r, bias_c, g->alpha, &g->act, last);
+                  for (int32_t t = 0; t < nv; t++) edge_s[r * EA_NR + t] = src[(size_t)r * lds + t];
+                src = edge_s;
+                lds = EA_NR;
+              }
+              tile_any(mv, kc, ap, bp, ldb, edge_c, EA_NR, src, lds, bias_r, bias_c, g->alpha, &g->act, last);
               for (int32_t r = 0; r < mv; r++)
                 for (int32_t t = 0; t < nv; t++) cp[(size_t)r * g->ldc + t] = edge_c[r * EA_NR + t];
             }

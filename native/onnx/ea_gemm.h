@@ -47,11 +47,13 @@ typedef struct {
   int32_t ldb;
   float *c;
   int32_t ldc;
-  /* Initial value of C (exclusive): bias per row (length >= ceil(M/MR)*MR), bias per
-     column (length >= ceil(N/NR)*NR), C's own contents (c_init), or zero. */
+  /* Added to the product (any of them): bias per row (M values), bias per column
+     (ceil(N/NR)*NR values: zero-padded), a matrix (init, row stride ld_init: C's own
+     contents, a residual connection). */
   const float *bias_row;
   const float *bias_col;
-  int32_t c_init;
+  const float *init;
+  int32_t ld_init;
   float alpha; /* scales A.B (not the initial value) */
   ea_act_t act;
 } ea_gemm_t;

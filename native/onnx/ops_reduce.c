@@ -221,8 +221,8 @@ static int32_t reduce_f32(int32_t kind, const groups_t *g, const ea_tensor_t *x,
   switch (kind) {
   case R_MEAN:
     if (g->reduced > 0) {
-      float s = 1.0f / (float)g->reduced;
-      for (int32_t i = 0; i < n; i++) out[i] *= s;
+      float d = (float)g->reduced;
+      for (int32_t i = 0; i < n; i++) out[i] /= d;
     }
     break;
   case R_L2: for (int32_t i = 0; i < n; i++) out[i] = sqrtf(out[i]); break;
