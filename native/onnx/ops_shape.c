@@ -257,13 +257,27 @@ static int32_t op_transpose(const ea_op_t *op) {
   OS[r - 1] = 1;
   for (int32_t j = r - 2; j >= 0; j--) OS[j] = OS[j + 1] * OD[j + 1];
 
-  /* After merging, the output's last axis never is the input's last (they would have merged). The two
-     innermost axes: A = the input axis that is the output's last (output stride 1), B = the input's
-     last axis (input stride 1), at output position qb. Tile over (A, B); loop over the rest. */
   int32_t a_in = P[r - 1], qb = -1;
   for (int32_t j = 0; j < r; j++)
     if (P[j] == r - 1) qb = j;
-  if (qb < 0 || a_in == r - 1) return EA_ERR_INTERNAL;
+  if (qb < 0) return EA_ERR_INTERNAL;
+  if (a_in == r - 1) {
+    /* The last axis stays last: whole rows move. */
+    int32_t idx[EA_MAX_RANK] = {0};
+    int64_t rows = x->count / D[r - 1], row_bytes = (int64_t)D[r - 1] * size;
+    for (int64_t o = 0; o < rows; o++, dst += row_bytes) {
+      int64_t xoff = 0;
+      for (int32_t k = 0; k < r - 1; k++) xoff += idx[k] * S[P[k]];
+      memcpy(dst, src + xoff * size, (size_t)row_bytes);
+      for (int32_t k = r - 2; k >= 0; k--) {
+        if (++idx[k] < OD[k]) break;
+        idx[k] = 0;
+      }
+    }
+    return EA_OK;
+  }
+  /* The two innermost axes: A = the input axis that is the output's last (output stride 1), B = the
+     input's last axis (input stride 1), at output position qb. Tile over (A, B); loop over the rest. */
   int32_t na = D[a_in], nb = D[r - 1];
   int64_t xs = S[a_in], ys = OS[qb];
   /* Other output axes, outermost first. */
