@@ -68,7 +68,7 @@ def op_of(case: Case) -> str:
     if len(case.ops) == 1:
         return next(iter(case.ops))[1]
     name = case.name.removeprefix(ROOT_TEST_PREFIX).replace("_", "").lower()
-    for _, op in sorted(case.ops, key=lambda o: -len(o[1])):
+    for _, op in sorted(supported() | case.ops, key=lambda o: -len(o[1])):
         if name.startswith(op.lower()):
             return op
     return "+".join(sorted(op for _, op in case.ops))

@@ -17,6 +17,40 @@ from onnx.backend.base import Backend, BackendRep
 
 from agent.convert.build import Runner, convert
 
+# Graph inputs this small, that no node takes as its first (data) input, are the operands a
+# converted model fixes at build time: axes, K, a target shape, pads, clip bounds, scales.
+SPECIALISE_MAX_ELEMENTS = 64
+
+
+def specialise(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The model with its small operand inputs turned into initializers holding this run's values.
+
+    The converter specialises a model on such operands (they must be constants: the
+    kernels get them as parameters, not as run-time tensors); ONNX's node tests pass many
+    of them as inputs. The kernels still compute every output from the data.
+    """
+    data_positions: dict[str, set[int]] = {}
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            data_positions.setdefault(name, set()).add(position)
+    fold = {
+        name
+        for name, array in feed.items()
+        if array.size <= SPECIALISE_MAX_ELEMENTS
+        and 0 not in data_positions.get(name, {0})
+        and name not in {o.name for o in model.graph.output}
+    }
+    if not fold:
+        return model, feed
+    special = onnx.ModelProto()
+    special.CopyFrom(model)
+    kept = [vi for vi in special.graph.input if vi.name not in fold]
+    del special.graph.input[:]
+    special.graph.input.extend(kept)
+    for name in sorted(fold):
+        special.graph.initializer.append(onnx.numpy_helper.from_array(feed[name], name))
+    return special, {n: a for n, a in feed.items() if n not in fold}
+
 
 class EdgeRep(BackendRep):
     def __init__(self, model: onnx.ModelProto, runner: Runner):
@@ -31,8 +65,9 @@ class EdgeRep(BackendRep):
             feed = {name: np.asarray(inputs[name]) for name in graph_inputs}
         else:
             feed = {name: np.asarray(array) for name, array in zip(graph_inputs, inputs, strict=False)}
+        model, feed = specialise(self.model, feed)
         converted = convert(
-            self.model, name="conformance", version="1", batched=False, check=False, golden=False, warmup_data=feed
+            model, name="conformance", version="1", batched=False, check=False, golden=False, warmup_data=feed
         )
         rows = {name: array.reshape((1, *array.shape)) for name, array in feed.items()}
         out = self.runner.run(converted, rows)

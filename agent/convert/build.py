@@ -32,10 +32,10 @@ DEFAULT_MAX_BATCH = 64
 # max_batch is chosen automatically (a larger model gets a smaller max_batch).
 AUTO_BATCH_BUDGET = 256 << 20
 MIB = 1 << 20
-# Opsets 7..21 are the target. The revisions of the supported ops in opsets 22..25 changed
+# Opsets 7..21 are the target. The revisions of the supported ops in opsets 22..28 changed
 # only the element types they accept (bfloat16, float8, int4...), which the lowerings refuse
 # by dtype anyway, so models and ONNX's own node tests at those opsets convert too.
-MAX_OPSET = 25
+MAX_OPSET = 28
 MIN_OPSET = 7
 
 Progress = Callable[[str], None]

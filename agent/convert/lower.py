@@ -61,7 +61,8 @@ class Lowerer:
             raise Unsupported(f"{what} (input {index}) is missing")
         value = self.value(node.inputs[index])
         if value.const is None:
-            raise Unsupported(f"{what} (input {index}, {value.name!r}) must be known at build time, it is computed")
+            origin = "a graph input" if value.name in self.graph.inputs else "computed at run time"
+            raise Unsupported(f"{what} (input {index}, {value.name!r}) must be known at build time; it is {origin}")
         return value.const
 
     def input(self, node: Node, index: int) -> int:

@@ -87,6 +87,11 @@ class WasmRuntime:
         config.epoch_interruption = True
         config.cranelift_opt_level = opt_level
         config.wasm_simd = True
+        # Relaxed SIMD gives the kernel library fused multiply-add. Deterministic: every machine
+        # computes the same bits (fused, as the spec's deterministic profile says), so a golden
+        # output checked on one node holds on all of them.
+        config.wasm_relaxed_simd = True
+        config.wasm_relaxed_simd_deterministic = True
         # Models run a bounded amount of code per call; a small stack catches
         # runaway recursion early and keeps many instances cheap.
         config.max_wasm_stack = 1 << 20
@@ -101,7 +106,7 @@ class WasmRuntime:
         # Every setting that changes generated code or what validates belongs in the cache key.
         # "validated": entries are written only for modules that passed load_module's validate.
         self.settings_key = (
-            f"wasmtime={wasmtime_version()};opt={opt_level};epoch=1;simd=1;stack=1048576;nomove=1;validated=2;"
+            f"wasmtime={wasmtime_version()};opt={opt_level};epoch=1;simd=1;relaxed=det;stack=1048576;nomove=1;validated=2;"
             f"off={','.join(DISABLED_FEATURES)}"
         )
         self.linker = wasmtime.Linker(self.engine)

@@ -98,7 +98,7 @@ static inline __attribute__((always_inline)) void tile(const int R, const int U,
     if (act->mode == EA_ACT_CLAMP) {
       v128_t lo = wasm_f32x4_splat(act->lo), hi = wasm_f32x4_splat(act->hi);
       for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_pmin(hi, wasm_f32x4_pmax(lo, acc[0][r][v]));
+        for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_pmin(wasm_f32x4_pmax(acc[0][r][v], lo), hi);
     } else if (act->mode == EA_ACT_LEAKY) {
       v128_t s = wasm_f32x4_splat(act->slope);
       for (int r = 0; r < R; r++)
@@ -143,10 +143,10 @@ void ea_act_apply(const ea_act_t *act, float *x, int32_t n) {
   switch (act->mode) {
   case EA_ACT_CLAMP: {
     v128_t lo = wasm_f32x4_splat(act->lo), hi = wasm_f32x4_splat(act->hi);
-    for (; i + 4 <= n; i += 4) wasm_v128_store(x + i, wasm_f32x4_pmin(hi, wasm_f32x4_pmax(lo, wasm_v128_load(x + i))));
+    for (; i + 4 <= n; i += 4) wasm_v128_store(x + i, wasm_f32x4_pmin(wasm_f32x4_pmax(wasm_v128_load(x + i), lo), hi));
     for (; i < n; i++) {
       float v = x[i] < act->lo ? act->lo : x[i];
-      x[i] = v > act->hi ? act->hi : v;
+      x[i] = act->hi < v ? act->hi : v;
     }
     break;
   }

@@ -215,6 +215,6 @@ ea_kernel_fn ea_ops_conv(uint32_t opcode) {
   switch (opcode & 63u) {
   case OP_CONV: return op_conv;
   case OP_CONV_DW: return op_conv_dw;
-  default: return 0;
+  default: return ea_ops_pool(opcode); /* opcodes 32..63: ops_pool.c */
   }
 }

@@ -14,7 +14,8 @@
 enum {
   OP_POOL = 32,           /* x -> y. iattr: kind, count_include_pad, k[3], s[3], d[3], pad_begin[3], pad_end[3]; fattr: p */
   OP_GLOBAL_POOL = 33,    /* x -> y (N, C, 1...). iattr: kind; fattr: p */
-  OP_CONV_TRANSPOSE = 34, /* x, packed w (G, Cout_g*K, Cin_g), bias? -> y. iattr: group, k[3], s[3], d[3], pad_begin[3], co_blk */
+  OP_CONV_TRANSPOSE = 34, /* x, w, bias? -> y. iattr: group, k[3], s[3], d[3], pad_begin[3], co_blk, raw.
+                             w: packed (G, Cout_g*K, Cin_g), or with raw = 1 ONNX's (Cin, Cout_g, k...), packed per run */
 };
 
 enum { KIND_MAX = 0, KIND_AVG = 1, KIND_LP = 2 };
@@ -225,28 +226,12 @@ static int32_t op_pool(const ea_op_t *op) {
 static int32_t op_global_pool(const ea_op_t *op) {
   const ea_tensor_t *x = op->in[0];
   ea_tensor_t *y = op->out[0];
-  if (op->n_i < 1 || x->rank < 2 || x->dims[0] * x->dims[1] != y->count || x->dtype != y->dtype) return EA_ERR_INTERNAL;
+  if (op->n_i < 1 || x->rank < 2 || x->dims[0] * x->dims[1] != y->count || x->dtype != EA_F32 || y->dtype != EA_F32)
+    return EA_ERR_INTERNAL;
   int32_t kind = op->iattr[0];
   float p = op->n_f > 0 ? op->fattr[0] : 2.0f;
   int32_t planes = y->count;
   int32_t n = planes ? x->count / planes : 0;
-  if (x->dtype != EA_F32) {
-    /* Max of int8 / uint8. */
-    for (int32_t pl = 0; pl < planes; pl++) {
-      if (x->dtype == EA_U8) {
-        const uint8_t *src = (const uint8_t *)x->data + (size_t)pl * n;
-        uint8_t m = 0;
-        for (int32_t i = 0; i < n; i++) m = src[i] > m ? src[i] : m;
-        ((uint8_t *)y->data)[pl] = m;
-      } else {
-        const int8_t *src = (const int8_t *)x->data + (size_t)pl * n;
-        int8_t m = -128;
-        for (int32_t i = 0; i < n; i++) m = src[i] > m ? src[i] : m;
-        ((int8_t *)y->data)[pl] = m;
-      }
-    }
-    return EA_OK;
-  }
   const float *xs = x->data;
   float *ys = y->data;
   for (int32_t pl = 0; pl < planes; pl++) {
@@ -415,12 +400,23 @@ static int32_t op_conv_transpose(const ea_op_t *op) {
   if (cin_g * group != cin || cout_g * group != cout || w->count != group * cout_g * kvol * cin_g) return EA_ERR_INTERNAL;
   if (bias && bias->count != cout) return EA_ERR_INTERNAL;
   if (co_blk > cout_g) co_blk = cout_g;
+  const float *ws = w->data;
+  if (op->n_i > 14 && op->iattr[14]) {
+    /* A weight computed at run time: pack it as the lowering packs a constant one. */
+    float *packed = ea_scratch((uint32_t)w->count * 4u);
+    if (!packed) return EA_ERR_NOMEM;
+    for (int32_t g = 0; g < group; g++)
+      for (int32_t ci = 0; ci < cin_g; ci++)
+        for (int32_t r = 0; r < cout_g * kvol; r++)
+          packed[((size_t)g * cout_g * kvol + r) * cin_g + ci] = ws[((size_t)g * cin_g + ci) * cout_g * kvol + r];
+    ws = packed;
+  }
   float *cols = ea_scratch((uint32_t)co_blk * (uint32_t)kvol * (uint32_t)s_in * 4u + (uint32_t)(2 * k[2]) * 4u);
   if (!cols) return EA_ERR_NOMEM;
   int32_t *wlo = (int32_t *)(cols + (size_t)co_blk * kvol * s_in), *whi = wlo + k[2];
   /* Along W, tap j sends input iw to output iw * s + j * d - pb: the inputs that land inside. */
   for (int32_t j = 0; j < k[2]; j++) out_range(j * d[2] - pb[2], s[2], out[2], in[2], &wlo[j], &whi[j]);
-  const float *xs = x->data, *ws = w->data, *bs = bias ? bias->data : 0;
+  const float *xs = x->data, *bs = bias ? bias->data : 0;
   float *ys = y->data;
 
   for (int32_t n = 0; n < batch; n++) {

@@ -66,7 +66,9 @@ MAX_FEATURES = 1 << 24
 # Rows the tree kernel scores together (their scores live in scratch).
 TREE_BLOCK = 64
 NUMERIC_INPUTS = (np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.int64))
-STRING_LABELS = "string class labels (classlabels_strings) cannot be served: only numeric tensors can; train on integer labels"
+STRING_LABELS = (
+    "string class labels (classlabels_strings) cannot be served: only numeric tensors can; train on integer labels"
+)
 ZIPMAP_HINT = (
     "ZipMap outputs a sequence of maps, which cannot be served: convert with "
     "options={id(model): {'zipmap': False}} to get the probabilities as a tensor"
@@ -94,7 +96,9 @@ def _post_transform(node: Node) -> int:
 def _numeric_input(node: Node, lw: Lowerer, index: int = 0, dtypes: tuple[np.dtype, ...] = NUMERIC_INPUTS) -> None:
     value = lw.value(node.inputs[index])
     if value.dtype not in dtypes:
-        raise Unsupported(f"input {index} has element type {value.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
+        raise Unsupported(
+            f"input {index} has element type {value.dtype}; supported: {', '.join(str(d) for d in dtypes)}"
+        )
 
 
 def _rows_features(node: Node, lw: Lowerer) -> tuple[int, int]:
@@ -227,7 +231,9 @@ def lower_linear_classifier(node: Node, lw: Lowerer) -> None:
     classes = int(intercepts.size)
     if coefficients is None or coefficients.size != classes * features:
         size = 0 if coefficients is None else coefficients.size
-        raise Unsupported(f"coefficients has {size} values; {classes} classes x {features} features need {classes * features}")
+        raise Unsupported(
+            f"coefficients has {size} values; {classes} classes x {features} features need {classes * features}"
+        )
     labels = _ints(node, "classlabels_ints")
     post = _post_transform(node)
     second = 0
@@ -236,7 +242,9 @@ def lower_linear_classifier(node: Node, lw: Lowerer) -> None:
         if labels.size == 2:
             second = 1
             if post == POST_PROBIT:
-                raise Unsupported("PROBIT with one coefficient row and two class labels (onnxruntime leaves half the scores unset)")
+                raise Unsupported(
+                    "PROBIT with one coefficient row and two class labels (onnxruntime leaves half the scores unset)"
+                )
         else:
             labels = np.asarray([0, 1], dtype=np.int64)
     elif labels.size < classes:
@@ -266,10 +274,14 @@ def lower_linear_regressor(node: Node, lw: Lowerer) -> None:
     coefficients = _floats(node, "coefficients")
     if coefficients is None or coefficients.size != targets * features:
         size = 0 if coefficients is None else coefficients.size
-        raise Unsupported(f"coefficients has {size} values; {targets} targets x {features} features need {targets * features}")
+        raise Unsupported(
+            f"coefficients has {size} values; {targets} targets x {features} features need {targets * features}"
+        )
     intercepts = _floats(node, "intercepts")
     # onnxruntime uses the intercepts only when there is one per target.
-    bias = lw.const(intercepts, f"{node.name}.intercepts") if intercepts is not None and intercepts.size == targets else -1
+    bias = (
+        lw.const(intercepts, f"{node.name}.intercepts") if intercepts is not None and intercepts.size == targets else -1
+    )
     post = _post_transform(node)
     inputs = [lw.input(node, 0), lw.const(coefficients.reshape(targets, features), f"{node.name}.coefficients"), bias]
     _linear_scratch(node, lw, features, targets)
@@ -426,14 +438,18 @@ def _encode_forest(forest: Forest, n_features: int, n_outputs: int, single: bool
         for which, ids in (("true", forest.truenodeids), ("false", forest.falsenodeids)):
             child = index.get((tree, int(ids[i])))
             if child is None:
-                raise Unsupported(f"node {int(forest.nodeids[i])} of tree {tree}: its {which} child {int(ids[i])} does not exist")
+                raise Unsupported(
+                    f"node {int(forest.nodeids[i])} of tree {tree}: its {which} child {int(ids[i])} does not exist"
+                )
             if child == i:
                 raise Unsupported(f"node {int(forest.nodeids[i])} of tree {tree} is its own child")
             pair.append(child)
         children.append((pair[0], pair[1]))
         feature = int(forest.featureids[i])
         if not 0 <= feature < n_features:
-            raise Unsupported(f"node {int(forest.nodeids[i])} of tree {tree} reads feature {feature}; the input has {n_features}")
+            raise Unsupported(
+                f"node {int(forest.nodeids[i])} of tree {tree} reads feature {feature}; the input has {n_features}"
+            )
 
     # Roots: the first node of each run of equal tree ids, as onnxruntime takes them.
     roots_at = [i for i in range(n) if i == 0 or forest.treeids[i] != forest.treeids[i - 1]]
@@ -456,7 +472,9 @@ def _encode_forest(forest: Forest, n_features: int, n_outputs: int, single: bool
             only_le = False
             if not values:
                 # Never a member; NaN goes true when missing values track true.
-                records[s] = _record(np.float32(np.nan), feature, KIND_EQ | (KIND_NAN_LEFT if miss else 0), true_child, false_child)
+                records[s] = _record(
+                    np.float32(np.nan), feature, KIND_EQ | (KIND_NAN_LEFT if miss else 0), true_child, false_child
+                )
                 continue
             nxt = false_child
             # Build the chain back to front: each test's false side is the next test.
@@ -583,12 +601,14 @@ def _emit_regressor(
         if post != POST_PROBIT:
             post = POST_NONE  # onnxruntime applies no other transform to a single target
     else:
+        # onnxruntime adds base_values only when there is one per target.
         mode = TREE_REGRESSOR_N
-        base_used = base if base.size == targets else np.zeros(targets, np.float32)
+        base_used = base if base.size == targets else np.zeros(0, np.float32)
     out = lw.value(node.outputs[0])
     if out.dtype != np.float32:
         raise Unsupported(f"output has element type {out.dtype}; float32 expected")
-    inputs = [*_tree_inputs(lw, node, enc), lw.const(base_used.astype(np.float32), f"{node.name}.base_values")]
+    base_param = base_used if base_used.size else np.zeros(1, np.float32)
+    inputs = [*_tree_inputs(lw, node, enc), lw.const(base_param.astype(np.float32), f"{node.name}.base_values")]
     _tree_scratch(lw, node, features, targets)
     ints = [mode, targets, aggregate, post, features, int(enc.only_le), int(base_used.size), 0, 0, enc.roots.size]
     lw.emit(TREES, inputs, [lw.output(node, 0)], ints=ints)
@@ -631,7 +651,15 @@ def lower_tree_classifier(node: Node, lw: Lowerer) -> None:
 
 
 # TreeEnsemble (ai.onnx.ml opset 5): nodes_modes as a uint8 tensor.
-MODES_V5 = {0: "BRANCH_LEQ", 1: "BRANCH_LT", 2: "BRANCH_GTE", 3: "BRANCH_GT", 4: "BRANCH_EQ", 5: "BRANCH_NEQ", 6: "BRANCH_MEMBER"}
+MODES_V5 = {
+    0: "BRANCH_LEQ",
+    1: "BRANCH_LT",
+    2: "BRANCH_GTE",
+    3: "BRANCH_GT",
+    4: "BRANCH_EQ",
+    5: "BRANCH_NEQ",
+    6: "BRANCH_MEMBER",
+}
 AGGREGATES_V5 = {0: AGG_AVERAGE, 1: AGG_SUM, 2: AGG_MIN, 3: AGG_MAX}
 
 
@@ -676,8 +704,14 @@ def _forest_from_v5(node: Node) -> Forest:
     roots = _ints(node, "tree_roots")
     targets = _ints(node, "leaf_targetids")
     n = splits.size
-    for name, array in (("nodes_modes", modes_raw), ("nodes_featureids", features), ("nodes_truenodeids", true_ids),
-                        ("nodes_falsenodeids", false_ids), ("nodes_trueleafs", true_leaf), ("nodes_falseleafs", false_leaf)):
+    for name, array in (
+        ("nodes_modes", modes_raw),
+        ("nodes_featureids", features),
+        ("nodes_truenodeids", true_ids),
+        ("nodes_falsenodeids", false_ids),
+        ("nodes_trueleafs", true_leaf),
+        ("nodes_falseleafs", false_leaf),
+    ):
         if array.size != n:
             raise Unsupported(f"{name} has {array.size} values for {n} nodes")
     if targets.size != weights.size:

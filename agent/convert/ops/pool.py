@@ -117,9 +117,8 @@ def lower_pool(node: Node, lw: Lowerer) -> None:
 def lower_global_pool(node: Node, lw: Lowerer) -> None:
     x = lw.value(node.inputs[0])
     kind = {"GlobalMaxPool": KIND_MAX, "GlobalAveragePool": KIND_AVG, "GlobalLpPool": KIND_LP}[node.op_type]
-    allowed = (np.float32, np.uint8, np.int8) if kind == KIND_MAX else (np.float32,)
-    if x.dtype not in [np.dtype(t) for t in allowed]:
-        raise Unsupported(f"{x.dtype} input; supported: {', '.join(np.dtype(t).name for t in allowed)}")
+    if x.dtype != np.float32:
+        raise Unsupported(f"{x.dtype} input; supported: float32")
     if len(x.shape) < 2:
         raise Unsupported(f"input of rank {len(x.shape)}: at least (N, C) is needed")
     p = float(node.attr("p", 2)) if kind == KIND_LP else 2.0
@@ -167,22 +166,25 @@ def lower_conv_transpose(node: Node, lw: Lowerer) -> None:
         raise Unsupported(f"{x.dtype} input; supported: float32")
     ins, outs = _spatial(node, lw)
     n = len(ins)
-    w = lw.require_const(node, 1, "the weight").astype(np.float32)
-    if w.ndim != n + 2:
-        raise Unsupported(f"weight of rank {w.ndim} for {n} spatial dimensions")
+    wv = lw.value(node.inputs[1])
+    if wv.dtype != np.float32 or wv.batched:
+        raise Unsupported("the weight must be float32 and not vary with the batch")
+    if len(wv.shape) != n + 2:
+        raise Unsupported(f"weight of rank {len(wv.shape)} for {n} spatial dimensions")
+    w_shape = tuple(wv.shape)
     group = int(node.attr("group", 1))
     cin, cout = x.shape[1], y.shape[1]
-    if group < 1 or cin % group or w.shape[0] != cin or w.shape[1] * group != cout:
+    if group < 1 or cin % group or w_shape[0] != cin or w_shape[1] * group != cout:
         raise Unsupported(
-            f"weight shape {w.shape} does not match input channels {cin}, output channels {cout}, group {group}"
+            f"weight shape {w_shape} does not match input channels {cin}, output channels {cout}, group {group}"
         )
     k = (
         _ints(node.attr("kernel_shape"), n, 0, "kernel_shape")
         if node.attr("kernel_shape") is not None
-        else list(w.shape[2:])
+        else list(w_shape[2:])
     )
-    if k != list(w.shape[2:]):
-        raise Unsupported(f"kernel_shape {k} differs from the weight's {list(w.shape[2:])}")
+    if k != list(w_shape[2:]):
+        raise Unsupported(f"kernel_shape {k} differs from the weight's {list(w_shape[2:])}")
     s = _ints(node.attr("strides"), n, 1, "strides")
     d = _ints(node.attr("dilations"), n, 1, "dilations")
     adj = _ints(node.attr("output_padding"), n, 0, "output_padding")
@@ -197,17 +199,24 @@ def lower_conv_transpose(node: Node, lw: Lowerer) -> None:
             )
     cin_g, cout_g = cin // group, cout // group
     kvol = int(np.prod(k))
-    # (Cin, Cout_g, k...) -> (G, Cout_g * kvol, Cin_g): the GEMM's left operand per group.
-    packed = w.reshape(group, cin_g, cout_g * kvol).transpose(0, 2, 1).copy()
     s_in = int(np.prod(ins))
     co_blk = max(1, min(cout_g, COLS_BUDGET // max(1, kvol * s_in * 4)))
-    inputs = [lw.input(node, 0), lw.const(packed, f"{node.name or node.outputs[0]}.packed")]
+    w = lw.const_input(node, 1)
+    raw = w is None
+    if w is not None:
+        # (Cin, Cout_g, k...) -> (G, Cout_g * kvol, Cin_g): the GEMM's left operand per group.
+        packed = w.astype(np.float32).reshape(group, cin_g, cout_g * kvol).transpose(0, 2, 1).copy()
+        weight = lw.const(packed, f"{node.name or node.outputs[0]}.packed")
+    else:
+        weight = lw.input(node, 1)  # packed by the kernel at each run
+    inputs = [lw.input(node, 0), weight]
     if lw.has_input(node, 2):
         b = lw.value(node.inputs[2])
         if b.dtype != np.float32 or int(np.prod(b.shape)) != cout:
             raise Unsupported(f"bias of shape {b.shape}: {cout} float32 values expected")
         inputs.append(lw.input(node, 2))
     k3 = _pad3(k, 1)
-    lw.scratch(fixed=co_blk * kvol * s_in * 4 + 8 * k3[2] + 64)
-    ints = [group, *k3, *_pad3(s, 1), *_pad3(d, 1), *_pad3(pb, 0), co_blk]
+    w_bytes = 4 * cin * cout_g * kvol + 16 if raw else 0
+    lw.scratch(fixed=w_bytes + co_blk * kvol * s_in * 4 + 8 * k3[2] + 64)
+    ints = [group, *k3, *_pad3(s, 1), *_pad3(d, 1), *_pad3(pb, 0), co_blk, int(raw)]
     lw.emit(CONV_TRANSPOSE, inputs, [lw.output(node, 0)], ints=ints)

@@ -84,15 +84,19 @@ def lower_reduce(node: Node, lw: Lowerer) -> None:
     axes = _reduce_axes(node, lw, rank)
     _refuse_batch_axis(lw, node, axes, "reduces")
     mask = sum(1 << a for a in axes)
-    lw.scratch(**_out_bytes(lw, node) if node.op_type == "ReduceLogSumExp" else {})
+    if node.op_type == "ReduceLogSumExp":
+        _scratch_per_output(lw, node)
     lw.emit(REDUCE, [lw.input(node, 0)], [lw.output(node, 0)], ints=[KINDS[node.op_type], mask])
 
 
-def _out_bytes(lw: Lowerer, node: Node) -> dict[str, int]:
-    """Scratch for one float per output element (+ alignment slack)."""
+def _scratch_per_output(lw: Lowerer, node: Node) -> None:
+    """The kernel takes one float of scratch per output element (+ alignment slack)."""
     y = lw.value(node.outputs[0])
     nbytes = 4 * int(np.prod(y.shape, dtype=np.int64)) + 16
-    return {"per_batch": nbytes} if y.batched else {"fixed": nbytes}
+    if y.batched:
+        lw.scratch(per_batch=nbytes)
+    else:
+        lw.scratch(fixed=nbytes)
 
 
 @lowering(*SOFTMAX_MODES)

@@ -48,13 +48,6 @@ INT32_MAX = 2**31 - 1
 AxisMap = np.ndarray | str | None
 
 
-def _shape_only(node: Node, lw: Lowerer) -> bool:
-    """Every output is shape arithmetic that depends on the batch size: only read as a shape by
-    its consumers (which use their own output shapes), so there is nothing to compute."""
-    outs = [o for o in node.outputs if o]
-    return bool(outs) and all(lw.value(o).batch_valued for o in outs)
-
-
 def _axis(axis: int, rank: int, what: str = "axis") -> int:
     if not -rank <= axis < max(rank, 1):
         raise Unsupported(f"{what} {axis} is out of range for rank {rank}")
@@ -111,7 +104,10 @@ def _emit_axmap(
             offset += len(m)
     last = maps[-1] if maps else None
     contiguous = int(
-        isinstance(last, np.ndarray) and len(last) > 0 and bool(np.all(last == last[0] + np.arange(len(last)))) and last[0] >= 0
+        isinstance(last, np.ndarray)
+        and len(last) > 0
+        and bool(np.all(last == last[0] + np.arange(len(last))))
+        and last[0] >= 0
     )
     inputs = [lw.input(node, 0)]
     if pieces:
@@ -167,8 +163,6 @@ def _emit_transpose(node: Node, lw: Lowerer, view: Sequence[int], perm: Sequence
 
 @lowering("Transpose")
 def lower_transpose(node: Node, lw: Lowerer) -> None:
-    if _shape_only(node, lw):
-        return
     x = _data_value(node, lw)
     rank = len(x.shape)
     perm = node.attr("perm")
@@ -200,7 +194,14 @@ def lower_depth_space(node: Node, lw: Lowerer) -> None:
     else:
         if h % b or w % b:
             raise Unsupported(f"spatial size {h}x{w} is not a multiple of blocksize {b}")
-        view, perm = (n, c, h // b, b, w // b, b), (0, 3, 5, 1, 2, 4)
+        mode = node.attr("mode", "DCR")  # the attribute came with opset 28; DCR is the older behaviour
+        view = (n, c, h // b, b, w // b, b)
+        if mode == "DCR":
+            perm = (0, 3, 5, 1, 2, 4)
+        elif mode == "CRD":
+            perm = (0, 1, 3, 5, 2, 4)
+        else:
+            raise Unsupported(f"mode {mode!r} is not supported (DCR, CRD)")
     _emit_transpose(node, lw, view, perm)
 
 
@@ -209,8 +210,6 @@ def lower_depth_space(node: Node, lw: Lowerer) -> None:
 
 @lowering("Concat")
 def lower_concat(node: Node, lw: Lowerer) -> None:
-    if _shape_only(node, lw):
-        return
     out = lw.value(node.outputs[0])
     rank = len(out.shape)
     if rank == 0:
@@ -274,8 +273,6 @@ def _slice_range(start: int, end: int, step: int, dim: int) -> tuple[int, int]:
 
 @lowering("Slice")
 def lower_slice(node: Node, lw: Lowerer) -> None:
-    if _shape_only(node, lw):
-        return
     x = _data_value(node, lw)
     out = lw.value(node.outputs[0])
     rank = len(x.shape)
@@ -344,8 +341,6 @@ def lower_slice(node: Node, lw: Lowerer) -> None:
 
 @lowering("Gather")
 def lower_gather(node: Node, lw: Lowerer) -> None:
-    if _shape_only(node, lw):
-        return
     x = _data_value(node, lw)
     indices = _data_value(node, lw, 1)
     rank = len(x.shape)
@@ -365,7 +360,9 @@ def lower_gather(node: Node, lw: Lowerer) -> None:
         k = np.asarray(indices.const).astype(np.int64)
         bad = (k < -x.shape[axis]) | (k >= x.shape[axis])
         if bad.any():
-            raise Unsupported(f"index {int(k[bad].reshape(-1)[0])} is out of range for axis {axis} of size {x.shape[axis]}")
+            raise Unsupported(
+                f"index {int(k[bad].reshape(-1)[0])} is out of range for axis {axis} of size {x.shape[axis]}"
+            )
     count = int(np.prod(indices.shape, dtype=np.int64))
     if indices.batched:
         lw.scratch(per_batch=4 * count)
@@ -437,8 +434,6 @@ def lower_pad(node: Node, lw: Lowerer) -> None:
 
 @lowering("Expand")
 def lower_expand(node: Node, lw: Lowerer) -> None:
-    if _shape_only(node, lw):
-        return
     x = _data_value(node, lw)
     out = lw.value(node.outputs[0])
     shape_value = lw.value(node.inputs[1])
@@ -493,7 +488,14 @@ def lower_tile(node: Node, lw: Lowerer) -> None:
 
 # -- Resize, Upsample ------------------------------------------------------------
 
-COORDINATE_MODES = ("half_pixel", "half_pixel_symmetric", "asymmetric", "align_corners", "pytorch_half_pixel", "tf_half_pixel_for_nn")
+COORDINATE_MODES = (
+    "half_pixel",
+    "half_pixel_symmetric",
+    "asymmetric",
+    "align_corners",
+    "pytorch_half_pixel",
+    "tf_half_pixel_for_nn",
+)
 NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
 F32 = np.float32
 
