@@ -33,7 +33,7 @@
 #define NC 512
 
 /* ea_activation_f32 (ops_unary.c) applies the activations the micro-kernel does not inline. */
-__attribute__((weak)) void ea_activation_f32(float *x, int32_t n, int32_t kind, float alpha, float beta);
+#include "ea_vmath.h"
 
 /* One R x NR tile over kc values of k: c = act(alpha * a.b + src + bias_r + bias_c), each of
    src, bias_r, bias_c optional (NULL). R and U (independent accumulator sets, for short tiles
@@ -95,11 +95,11 @@ static inline __attribute__((always_inline)) void tile(const int R, const int U,
       for (int r = 0; r < R; r++) acc[0][r][v] = wasm_f32x4_add(acc[0][r][v], s);
     }
   if (last) {
-    if (act->mode == EA_ACT_CLAMP) {
+    if (act->mode == EA_EPI_CLAMP) {
       v128_t lo = wasm_f32x4_splat(act->lo), hi = wasm_f32x4_splat(act->hi);
       for (int r = 0; r < R; r++)
         for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_pmin(wasm_f32x4_pmax(acc[0][r][v], lo), hi);
-    } else if (act->mode == EA_ACT_LEAKY) {
+    } else if (act->mode == EA_EPI_LEAKY) {
       v128_t s = wasm_f32x4_splat(act->slope);
       for (int r = 0; r < R; r++)
         for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_pmax(wasm_f32x4_mul(acc[0][r][v], s), acc[0][r][v]);
@@ -141,7 +141,7 @@ static float edge_s[EA_MR * EA_NR] __attribute__((aligned(16)));
 void ea_act_apply(const ea_act_t *act, float *x, int32_t n) {
   int32_t i = 0;
   switch (act->mode) {
-  case EA_ACT_CLAMP: {
+  case EA_EPI_CLAMP: {
     v128_t lo = wasm_f32x4_splat(act->lo), hi = wasm_f32x4_splat(act->hi);
     for (; i + 4 <= n; i += 4) wasm_v128_store(x + i, wasm_f32x4_pmin(wasm_f32x4_pmax(wasm_v128_load(x + i), lo), hi));
     for (; i < n; i++) {
@@ -150,7 +150,7 @@ void ea_act_apply(const ea_act_t *act, float *x, int32_t n) {
     }
     break;
   }
-  case EA_ACT_LEAKY: {
+  case EA_EPI_LEAKY: {
     v128_t s = wasm_f32x4_splat(act->slope);
     for (; i + 4 <= n; i += 4) {
       v128_t v = wasm_v128_load(x + i);
@@ -159,7 +159,7 @@ void ea_act_apply(const ea_act_t *act, float *x, int32_t n) {
     for (; i < n; i++) x[i] = x[i] * act->slope > x[i] ? x[i] * act->slope : x[i];
     break;
   }
-  case EA_ACT_EXTERNAL: ea_activation_f32(x, n, act->kind, act->alpha, act->beta); break;
+  case EA_EPI_EXTERNAL: ea_activation_f32(x, n, act->kind, act->alpha, act->beta); break;
   default: break;
   }
 }
@@ -252,7 +252,7 @@ int32_t ea_gemm(const ea_gemm_t *g) {
             }
           }
         }
-        if (last && g->act.mode == EA_ACT_EXTERNAL)
+        if (last && g->act.mode == EA_EPI_EXTERNAL)
           for (int32_t i = ic; i < ic + mc; i++) ea_act_apply(&g->act, g->c + (size_t)i * g->ldc + jc, nc);
       }
     }

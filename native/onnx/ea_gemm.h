@@ -25,17 +25,17 @@
 
 /* Epilogue modes (iattr "act_mode" of Gemm/MatMul/Conv ops). */
 enum {
-  EA_ACT_NONE = 0,
-  EA_ACT_CLAMP = 1,    /* min(max(x, lo), hi): Relu, Clip, Relu6 */
-  EA_ACT_LEAKY = 2,    /* max(x, slope*x), 0 <= slope <= 1: LeakyRelu */
-  EA_ACT_EXTERNAL = 3, /* ea_activation_f32(kind, alpha, beta) on each finished row */
+  EA_EPI_NONE = 0,
+  EA_EPI_CLAMP = 1,    /* min(max(x, lo), hi): Relu, Clip, Relu6 */
+  EA_EPI_LEAKY = 2,    /* max(x, slope*x), 0 <= slope <= 1: LeakyRelu */
+  EA_EPI_EXTERNAL = 3, /* ea_activation_f32(kind, alpha, beta) on each finished row */
 };
 
 typedef struct {
   int32_t mode;
-  int32_t kind; /* EA_ACT_EXTERNAL: ea_activation_f32's kind */
+  int32_t kind; /* EA_EPI_EXTERNAL: ea_activation_f32's kind */
   float lo, hi, slope;
-  float alpha, beta; /* EA_ACT_EXTERNAL */
+  float alpha, beta; /* EA_EPI_EXTERNAL */
 } ea_act_t;
 
 typedef struct {
