@@ -58,7 +58,7 @@ def test_pool_2d(op: str, attrs: dict[str, Any]) -> None:
     x = rand((2, 3, 11, 13), 1)
     opset = {"MaxPool": 12, "AveragePool": 19, "LpPool": 18}[op]
     variants = [dict(attrs)]
-    if op == "AveragePool" and "pads" in attrs or "ceil_mode" in attrs:
+    if op == "AveragePool" and ("pads" in attrs or "ceil_mode" in attrs):
         variants.append({**attrs, "count_include_pad": 1})
     if op == "LpPool":
         variants.append({**attrs, "p": 1})
@@ -106,7 +106,9 @@ def test_pool_opset_variants() -> None:
     check_node("MaxPool", {"x": x}, attrs={"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, opset=7)
     check_node("MaxPool", {"x": x}, attrs={"kernel_shape": [2, 2], "strides": [2, 2], "storage_order": 1}, opset=8)
     check_node("MaxPool", {"x": x}, attrs={"kernel_shape": [3, 3], "ceil_mode": 1, "strides": [2, 2]}, opset=10)
-    check_node("AveragePool", {"x": x}, attrs={"kernel_shape": [3, 3], "count_include_pad": 1, "pads": [1, 1, 1, 1]}, opset=7)
+    check_node(
+        "AveragePool", {"x": x}, attrs={"kernel_shape": [3, 3], "count_include_pad": 1, "pads": [1, 1, 1, 1]}, opset=7
+    )
     check_node("AveragePool", {"x": x}, attrs={"kernel_shape": [3, 3], "ceil_mode": 1, "strides": [2, 2]}, opset=11)
     check_node("LpPool", {"x": x}, attrs={"kernel_shape": [2, 3], "p": 2}, opset=11)
 
@@ -218,7 +220,9 @@ def test_layernorm(shape: tuple[int, ...]) -> None:
     for axis in range(-len(shape), len(shape)):
         tail = shape[axis:]
         inits = {"s": rand(tail, 41), "b": rand(tail, 42)}
-        check_node("LayerNormalization", {"x": x}, ("y", "mean", "inv"), initializers=inits, attrs={"axis": axis}, atol=1e-4)
+        check_node(
+            "LayerNormalization", {"x": x}, ("y", "mean", "inv"), initializers=inits, attrs={"axis": axis}, atol=1e-4
+        )
     check_node("LayerNormalization", {"x": x}, initializers={"s": rand(shape[-1:], 43)}, atol=1e-4)
 
 
@@ -227,7 +231,9 @@ def test_layernorm_variants() -> None:
     # Broadcast scale/bias (constants), epsilon, only the InvStdDev output, run-time scale/bias.
     check_node("LayerNormalization", {"x": x}, initializers={"s": rand((1, 6), 45), "b": rand((1,), 46)}, atol=1e-4)
     check_node("LayerNormalization", {"x": x}, initializers={"s": rand((6,), 45)}, attrs={"epsilon": 0.1}, atol=1e-4)
-    model = node_model("LayerNormalization", {"x": x}, ("y", "mean", "inv"), initializers={"s": rand((4, 6), 47)}, attrs={"axis": 1})
+    model = node_model(
+        "LayerNormalization", {"x": x}, ("y", "mean", "inv"), initializers={"s": rand((4, 6), 47)}, attrs={"axis": 1}
+    )
     model.graph.node[0].output[1] = ""  # InvStdDev without Mean
     del model.graph.output[1]
     assert_matches(model, {"x": x})
@@ -275,7 +281,12 @@ def test_batched(rows: int) -> None:
         ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, {}, 12),
         ("AveragePool", {"kernel_shape": [2, 3], "ceil_mode": 1, "strides": [2, 2], "count_include_pad": 1}, {}, 19),
         ("GlobalAveragePool", {}, {}, 17),
-        ("ConvTranspose", {"strides": [2, 2], "pads": [1, 1, 1, 1]}, {"w": rand((3, 4, 3, 3), 91), "b": rand((4,), 92)}, 17),
+        (
+            "ConvTranspose",
+            {"strides": [2, 2], "pads": [1, 1, 1, 1]},
+            {"w": rand((3, 4, 3, 3), 91), "b": rand((4,), 92)},
+            17,
+        ),
         ("BatchNormalization", {}, {n: np.abs(rand((3,), 93 + i)) + 0.1 for i, n in enumerate("sbmv")}, 15),
         ("InstanceNormalization", {}, {"s": rand((3,), 97), "b": rand((3,), 98)}, 17),
         ("LayerNormalization", {"axis": 1}, {"s": rand((3, 9, 10), 99)}, 17),
@@ -301,7 +312,9 @@ def test_refuses_maxpool_indices() -> None:
 def test_refuses_batchnorm_training() -> None:
     feed = {"x": rand((2, 3, 4), 101)}
     params = {n: np.abs(rand((3,), 102 + i)) + 0.1 for i, n in enumerate("sbmv")}
-    model = node_model("BatchNormalization", feed, ("y", "rm", "rv"), initializers=params, attrs={"training_mode": 1}, opset=15)
+    model = node_model(
+        "BatchNormalization", feed, ("y", "rm", "rv"), initializers=params, attrs={"training_mode": 1}, opset=15
+    )
     message = refusal(model, feed)
     assert "(BatchNormalization)" in message and "training" in message
 
@@ -322,7 +335,9 @@ def test_lowering_refusals_name_the_node() -> None:
     from agent.convert.build import lower_graph
     from agent.convert.ir import Graph, Node, Value
 
-    def lower_one(op: str, attrs: dict[str, Any], shape: tuple[int, ...], dtype: Any = np.float32, batched: bool = False) -> str:
+    def lower_one(
+        op: str, attrs: dict[str, Any], shape: tuple[int, ...], dtype: Any = np.float32, batched: bool = False
+    ) -> str:
         x = Value("x", np.dtype(dtype), shape, batched)
         y = Value("y", np.dtype(dtype), shape, batched)
         i = Value("i", np.dtype(np.int64), shape, batched)

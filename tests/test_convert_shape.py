@@ -44,7 +44,9 @@ def refused(model: onnx.ModelProto, feed: dict[str, np.ndarray], *, batch: bool 
     return str(info.value)
 
 
-def check_batched(op_type: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...] = ("y",), **kwargs: Any) -> None:
+def check_batched(
+    op_type: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...] = ("y",), **kwargs: Any
+) -> None:
     """A one-node model whose inputs' first dimension is the batch, run at the inputs' batch size."""
     model = node_model(op_type, inputs, outputs, batch=True, **kwargs)
     assert_matches(model, inputs, batch=True)
@@ -116,7 +118,9 @@ def test_concat_with_a_constant_and_rank1() -> None:
 
 def test_concat_batched() -> None:
     check_batched("Concat", {"a": rand((3, 2, 5)), "b": rand((3, 4, 5), seed=1)}, attrs={"axis": 1})
-    check_batched("Concat", {"a": rand((4, 2, 5), np.int32), "b": rand((4, 2, 1), np.int32, seed=1)}, attrs={"axis": -1})
+    check_batched(
+        "Concat", {"a": rand((4, 2, 5), np.int32), "b": rand((4, 2, 1), np.int32, seed=1)}, attrs={"axis": -1}
+    )
 
 
 def test_concat_refuses_the_batch_axis() -> None:
@@ -134,7 +138,9 @@ def test_split_equal_and_sizes(dtype: Any) -> None:
     x = rand((4, 9, 5), dtype)
     check_node("Split", {"x": x}, outputs=("a", "b", "c"), attrs={"axis": 1})
     check_node("Split", {"x": x}, outputs=("a", "b"), attrs={"axis": -1, "split": [2, 3]}, opset=11)
-    check_node("Split", {"x": x}, outputs=("a", "b", "c"), initializers={"s": i64(1, 5, 3)}, attrs={"axis": -2}, opset=13)
+    check_node(
+        "Split", {"x": x}, outputs=("a", "b", "c"), initializers={"s": i64(1, 5, 3)}, attrs={"axis": -2}, opset=13
+    )
 
 
 def test_split_opset18_num_outputs_uneven() -> None:
@@ -303,7 +309,13 @@ def test_pad_modes(mode: str, dtype: Any) -> None:
 def test_pad_negative_and_axes() -> None:
     x = rand((4, 6, 7))
     check_node("Pad", {"x": x}, initializers={"p": i64(-1, 2, 0, 1, -3, 2)}, opset=13)
-    check_node("Pad", {"x": x}, initializers={"p": i64(2, -2, 1, 0, 3, 1), "v": np.array(1.5, np.float32)}, attrs={"mode": "edge"}, opset=13)
+    check_node(
+        "Pad",
+        {"x": x},
+        initializers={"p": i64(2, -2, 1, 0, 3, 1), "v": np.array(1.5, np.float32)},
+        attrs={"mode": "edge"},
+        opset=13,
+    )
     inits = {"p": i64(1, 2, 3, 0), "v": np.array(-2.0, np.float32), "a": i64(-1, 0)}
     check_node("Pad", {"x": x}, initializers=inits, opset=18)
     check_node("Pad", {"x": x}, initializers={"p": i64(0, 0, 2, 0, 0, 1)}, attrs={"mode": "reflect"}, opset=11)
@@ -352,7 +364,9 @@ def test_resize_linear(coord: str) -> None:
     x = rand((2, 3, 5, 7))
     attrs = {"mode": "linear", "coordinate_transformation_mode": coord}
     for scales in ([1, 1, 2.0, 2.0], [1, 1, 0.6, 0.5], [1, 1, 1.7, 0.8], [1, 1, 1, 3.0]):
-        check_node("Resize", {"x": x}, initializers={"roi": EMPTY, "s": np.array(scales, np.float32)}, attrs=attrs, opset=19)
+        check_node(
+            "Resize", {"x": x}, initializers={"roi": EMPTY, "s": np.array(scales, np.float32)}, attrs=attrs, opset=19
+        )
     check_node("Resize", {"x": x}, initializers={"roi": EMPTY, "s": EMPTY, "z": i64(2, 3, 9, 4)}, attrs=attrs, opset=19)
 
 
@@ -372,15 +386,25 @@ def test_resize_opset10_and_11() -> None:
     x = rand((1, 2, 4, 5))
     for mode in ("nearest", "linear"):
         for scales in ([1, 1, 2, 3], [1, 1, 0.5, 0.7]):
-            check_node("Resize", {"x": x}, initializers={"s": np.array(scales, np.float32)}, attrs={"mode": mode}, opset=10)
+            check_node(
+                "Resize", {"x": x}, initializers={"s": np.array(scales, np.float32)}, attrs={"mode": mode}, opset=10
+            )
     inits = {"roi": EMPTY, "s": np.array([1, 1, 1.5, 2], np.float32)}
     check_node("Resize", {"x": x}, initializers=inits, attrs={"coordinate_transformation_mode": "asymmetric"}, opset=11)
 
 
 def test_resize_opset18_axes_and_aspect_ratio() -> None:
     x = rand((1, 2, 5, 8))
-    check_node("Resize", {"x": x}, initializers={"roi": EMPTY, "s": np.array([2, 1.5], np.float32)}, attrs={"axes": [2, 3]}, opset=18)
-    check_node("Resize", {"x": x}, initializers={"roi": EMPTY, "s": EMPTY, "z": i64(6, 3)}, attrs={"axes": [-1, 2]}, opset=18)
+    check_node(
+        "Resize",
+        {"x": x},
+        initializers={"roi": EMPTY, "s": np.array([2, 1.5], np.float32)},
+        attrs={"axes": [2, 3]},
+        opset=18,
+    )
+    check_node(
+        "Resize", {"x": x}, initializers={"roi": EMPTY, "s": EMPTY, "z": i64(6, 3)}, attrs={"axes": [-1, 2]}, opset=18
+    )
     for policy in ("not_larger", "not_smaller"):
         inits = {"roi": EMPTY, "s": EMPTY, "z": i64(7, 7)}
         attrs = {"axes": [2, 3], "keep_aspect_ratio_policy": policy, "mode": "nearest"}
@@ -392,7 +416,9 @@ def test_upsample() -> None:
     x = rand((1, 2, 3, 4))
     for mode in ("nearest", "linear"):
         check_node("Upsample", {"x": x}, attrs={"mode": mode, "scales": [1.0, 1.0, 2.0, 1.5]}, opset=7)
-        check_node("Upsample", {"x": x}, initializers={"s": np.array([1, 1, 3, 2], np.float32)}, attrs={"mode": mode}, opset=9)
+        check_node(
+            "Upsample", {"x": x}, initializers={"s": np.array([1, 1, 3, 2], np.float32)}, attrs={"mode": mode}, opset=9
+        )
 
 
 def test_resize_batched() -> None:
@@ -431,7 +457,9 @@ def test_resize_refusals() -> None:
         assert "Resize" in refused(model, {"x": x})
     # The batch axis cannot be resized.
     xb = rand((2, 3))
-    model = node_model("Resize", {"x": xb}, batch=True, initializers={"roi": EMPTY, "s": np.array([2, 1], np.float32)}, opset=13)
+    model = node_model(
+        "Resize", {"x": xb}, batch=True, initializers={"roi": EMPTY, "s": np.array([2, 1], np.float32)}, opset=13
+    )
     with pytest.raises(ConversionRefused):
         convert_model(model, {"x": xb}, batch=True)
 
@@ -492,7 +520,7 @@ def test_depth_to_space(mode: str, block: int) -> None:
 def test_space_to_depth(block: int) -> None:
     x = rand((2, 3, 2 * block, 3 * block))
     check_node("SpaceToDepth", {"x": x}, attrs={"blocksize": block}, opset=13)
-    check_batched("SpaceToDepth", {"x": rand((3, 3, 2 * block, block), np.int64)}, attrs={"blocksize": block}, opset=13)
+    check_batched("SpaceToDepth", {"x": rand((3, 3, 2 * block, block))}, attrs={"blocksize": block}, opset=13)
 
 
 # -- graphs ----------------------------------------------------------------------

@@ -24,7 +24,8 @@ import numpy as np
 from agent.convert.ir import MAX_RANK, ONNX_DTYPES, Graph, Node, Value
 from agent.errors import ConversionRefused
 
-SUPPORTED_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+# com.microsoft: onnxruntime's quantization contrib ops (QLinearAdd, QGemm, ...; agent/convert/ops/quant.py).
+SUPPORTED_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 # Ops whose output is known from their input's shape alone, not its data.
 SHAPE_ONLY_OPS = {"Shape", "Size"}
 # Refuse models whose intermediate values at batch 2 would not fit in memory twice over.
@@ -95,13 +96,17 @@ def analyze(
     """
     import onnx
 
-    model = load_model(source)
+    from agent.convert.ops.ml import early_problem, rewrite_model
+
+    model = rewrite_model(load_model(source))
     graph_proto = model.graph
     opsets = _opsets(model)
     problems: list[str] = []
     for domain in opsets:
         if domain not in SUPPORTED_DOMAINS:
-            problems.append(f"the model imports operator set domain {domain!r}; supported: ai.onnx, ai.onnx.ml")
+            problems.append(
+                f"the model imports operator set domain {domain!r}; supported: ai.onnx, ai.onnx.ml, com.microsoft"
+            )
     if model.functions:
         problems.append("the model defines local functions; inline them before converting")
 
@@ -193,6 +198,8 @@ def analyze(
             problems.append(f"{node.label}: attributes cannot be read: {exc}")
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in proto.attribute):
             problems.append(f"{node.label}: control flow (subgraphs) is not supported")
+        if domain == "ai.onnx.ml" and (ml_problem := early_problem(node)) is not None:
+            problems.append(f"{node.label}: {ml_problem}")
         nodes.append(node)
     outputs = [vi.name for vi in graph_proto.output]
     for vi in graph_proto.output:
@@ -248,7 +255,9 @@ def analyze(
             problems.append(f"graph output {name!r} has no batch dimension (shape {list(values[name].shape)})")
     if problems:
         raise ConversionRefused("the model cannot be converted:", problems)
-    if batched and not one_row_only:
+    # DynamicQuantizeLinear takes its range from the whole batch in onnxruntime; the converted
+    # model quantizes each row on its own (agent/convert/ops/quant.py), as onnxruntime does a row alone.
+    if batched and not one_row_only and not any(n.op_type == "DynamicQuantizeLinear" for n in nodes):
         _check_rows_independent(model, inputs, values, input_shapes, outputs)
 
     # Folded: nodes whose every output is known at build time (a constant, or shape arithmetic
@@ -259,6 +268,7 @@ def analyze(
         if not all(values[o].is_const or values[o].batch_valued for o in n.outputs if o and o in values)
     ]
     graph = Graph(nodes=live, values=values, inputs=inputs, outputs=outputs, batched=batched, opsets=opsets)
+    graph.folded = [n for n in nodes if not any(n is m for m in live)]
     if one_row_only:
         for value in graph.values.values():
             value.batched = False

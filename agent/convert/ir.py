@@ -94,6 +94,9 @@ class Graph:
     opsets: dict[str, int] = field(default_factory=dict)
     # The model fixes its first dimension at 1: it is served one row per call (max_batch 1).
     one_row: bool = False
+    # Nodes the analysis folded (their outputs are constants), kept so that passes can see how
+    # a constant was made (a DequantizeLinear of int8 weights: agent/convert/ops/quant.py).
+    folded: list[Node] = field(default_factory=list)
 
     def consumers(self, name: str) -> list[Node]:
         return [node for node in self.nodes if name in node.inputs]

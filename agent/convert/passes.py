@@ -19,18 +19,19 @@ keys).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from agent.convert.ir import Graph, Node, Value
-from agent.convert.ops.linear import FUSED_ACTIVATION, FUSED_BIAS, FUSED_RESIDUAL, can_fuse_activation
+from agent.convert.ops.linear import FUSED_ACTIVATION, FUSED_BIAS, FUSED_RESIDUAL
+from agent.convert.ops.quant import fuse_quantized
+from agent.convert.ops.unary import activation_spec
 
 DENSE = ("Conv", "Gemm", "MatMul")
 
 
 def prepare(graph: Graph) -> Graph:
     remove_dead(graph)
+    fuse_quantized(graph)
     fold_batchnorm(graph)
     fuse_bias(graph)
     fuse_residual(graph)
@@ -282,42 +283,12 @@ def fuse_residual(graph: Graph) -> None:
 # -- activations -------------------------------------------------------------------
 
 
-def _activation(graph: Graph, node: Node) -> tuple[str, float, float] | None:
-    """(op_type, alpha, beta) of an activation node the kernels' epilogue can run, else None."""
-    if node.domain != "" or len(node.outputs) != 1:
-        return None
-    op = node.op_type
-    if op == "Relu":
-        return op, 0.0, 0.0
-    if op == "LeakyRelu":
-        return op, float(node.attr("alpha", 0.01)), 0.0
-    if op == "Clip":
-        if node.opset < 11:
-            lo, hi = float(node.attr("min", -3.4028234663852886e38)), float(node.attr("max", 3.4028234663852886e38))
-        else:
-            los, his = _const(graph, node, 1), _const(graph, node, 2)
-            if (len(node.inputs) > 1 and node.inputs[1] and los is None) or (
-                len(node.inputs) > 2 and node.inputs[2] and his is None
-            ):
-                return None
-            lo = float(los.reshape(-1)[0]) if los is not None else -math.inf
-            hi = float(his.reshape(-1)[0]) if his is not None else math.inf
-        return op, lo, hi
-    if op in ("Sigmoid", "Tanh", "HardSwish", "Softplus", "Softsign"):
-        return op, 0.0, 0.0
-    if op == "HardSigmoid":
-        return op, float(node.attr("alpha", 0.2)), float(node.attr("beta", 0.5))
-    if op in ("Elu", "Celu"):
-        return op, float(node.attr("alpha", 1.0)), 0.0
-    return None
-
-
 def fuse_activations(graph: Graph) -> None:
     uses, producers = _uses(graph), _producers(graph)
     dead: set[int] = set()
     for node in graph.nodes:
-        act = _activation(graph, node)
-        if act is None or not node.inputs or not node.inputs[0] or not can_fuse_activation(act[0], act[1]):
+        act = activation_spec(node, graph)
+        if act is None or not node.inputs[0] or len(node.outputs) != 1:
             continue
         producer = _fusable_producer(graph, uses, producers, node.inputs[0])
         if producer is None or id(producer) in dead or producer.attrs.get(FUSED_ACTIVATION):

@@ -28,6 +28,9 @@
 #endif
 
 #define NV (EA_NR / 4)
+#ifndef EA_UNROLL_ALL
+#define EA_UNROLL_ALL 0
+#endif
 #define KC 256
 #define MC 128
 #define NC 512
@@ -35,47 +38,70 @@
 /* ea_activation_f32 (ops_unary.c) applies the activations the micro-kernel does not inline. */
 #include "ea_vmath.h"
 
+/* acc[r][0..NV) += a[r] * b[0..NV) for one k: a holds the EA_MR values of A for this k
+   (broadcast lane by lane: one load and a shuffle each, cheaper than a splat load per row
+   once compiled), b the NR values of B. */
+#define EA_STEP(acc, av, b)                                                                  \
+  do {                                                                                       \
+    v128_t b_[NV];                                                                           \
+    for (int v = 0; v < NV; v++) b_[v] = wasm_v128_load((b) + 4 * v);                        \
+    if (R > 0) {                                                                             \
+      v128_t s_ = wasm_i32x4_shuffle(av, av, 0, 0, 0, 0);                                    \
+      for (int v = 0; v < NV; v++) acc[0][v] = MADD(s_, b_[v], acc[0][v]);                   \
+    }                                                                                        \
+    if (R > 1) {                                                                             \
+      v128_t s_ = wasm_i32x4_shuffle(av, av, 1, 1, 1, 1);                                    \
+      for (int v = 0; v < NV; v++) acc[1][v] = MADD(s_, b_[v], acc[1][v]);                   \
+    }                                                                                        \
+    if (R > 2) {                                                                             \
+      v128_t s_ = wasm_i32x4_shuffle(av, av, 2, 2, 2, 2);                                    \
+      for (int v = 0; v < NV; v++) acc[2][v] = MADD(s_, b_[v], acc[2][v]);                   \
+    }                                                                                        \
+    if (R > 3) {                                                                             \
+      v128_t s_ = wasm_i32x4_shuffle(av, av, 3, 3, 3, 3);                                    \
+      for (int v = 0; v < NV; v++) acc[3][v] = MADD(s_, b_[v], acc[3][v]);                   \
+    }                                                                                        \
+  } while (0)
+
+#if EA_MR != 4
+#error "the micro-kernel is written for EA_MR == 4"
+#endif
+
 /* One R x NR tile over kc values of k: c = act(alpha * a.b + src + bias_r + bias_c), each of
-   src, bias_r, bias_c optional (NULL). R and U (independent accumulator sets, for short tiles
-   whose single chain would wait on the FMA latency) are constants at every call site, so the
-   accumulators live in registers. */
-static inline __attribute__((always_inline)) void tile(const int R, const int U, int32_t kc, const float *restrict a,
+   src, bias_r, bias_c optional (NULL). R is a constant at every call site, so the accumulators
+   live in registers. Tiles of one or two rows use a second set of accumulators for odd k, so
+   that more FMA chains are in flight. */
+static inline __attribute__((always_inline)) void tile(const int R, int32_t kc, const float *restrict a,
                                                         const float *restrict b, int32_t ldb, float *c, int32_t ldc,
                                                         const float *src, int32_t lds, const float *bias_r,
                                                         const float *bias_c, float alpha, const ea_act_t *act,
                                                         int last) {
-  v128_t acc[U][EA_MR][NV];
-  for (int u = 0; u < U; u++)
-    for (int r = 0; r < R; r++)
+  v128_t acc[2][EA_MR][NV];
+  for (int u = 0; u < 2; u++)
+    for (int r = 0; r < EA_MR; r++)
       for (int v = 0; v < NV; v++) acc[u][r][v] = wasm_f32x4_const_splat(0.0f);
   int32_t k = 0;
-  if (U > 1) {
-    for (; k + U <= kc; k += U) {
-      for (int u = 0; u < U; u++) {
-        v128_t bv[NV];
-        for (int v = 0; v < NV; v++) bv[v] = wasm_v128_load(b + u * ldb + 4 * v);
-        for (int r = 0; r < R; r++) {
-          v128_t av = wasm_v128_load32_splat(a + u * EA_MR + r);
-          for (int v = 0; v < NV; v++) acc[u][r][v] = MADD(av, bv[v], acc[u][r][v]);
-        }
-      }
-      a += U * EA_MR;
-      b += U * ldb;
+  if (R <= 2 || EA_UNROLL_ALL) {
+    for (; k + 2 <= kc; k += 2) {
+      v128_t a0 = wasm_v128_load(a), a1 = wasm_v128_load(a + EA_MR);
+      EA_STEP(acc[0], a0, b);
+      if (R <= 2) EA_STEP(acc[1], a1, b + ldb);
+      else EA_STEP(acc[0], a1, b + ldb);
+      a += 2 * EA_MR;
+      b += 2 * ldb;
     }
   }
+  /* Wider tiles: one k per iteration (unrolling makes the compiler hoist every load of the
+     body and spill accumulators: 16 vector registers on x86-64). */
   for (; k < kc; k++) {
-    v128_t bv[NV];
-    for (int v = 0; v < NV; v++) bv[v] = wasm_v128_load(b + 4 * v);
-    for (int r = 0; r < R; r++) {
-      v128_t av = wasm_v128_load32_splat(a + r);
-      for (int v = 0; v < NV; v++) acc[0][r][v] = MADD(av, bv[v], acc[0][r][v]);
-    }
+    v128_t a0 = wasm_v128_load(a);
+    EA_STEP(acc[0], a0, b);
     a += EA_MR;
     b += ldb;
   }
-  for (int u = 1; u < U; u++)
+  if (R <= 2)
     for (int r = 0; r < R; r++)
-      for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_add(acc[0][r][v], acc[u][r][v]);
+      for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_add(acc[0][r][v], acc[1][r][v]);
   if (alpha != 1.0f) {
     v128_t s = wasm_f32x4_splat(alpha);
     for (int r = 0; r < R; r++)
@@ -112,23 +138,12 @@ static inline __attribute__((always_inline)) void tile(const int R, const int U,
 static void tile_any(int32_t rows, int32_t kc, const float *a, const float *b, int32_t ldb, float *c, int32_t ldc,
                      const float *src, int32_t lds, const float *bias_r, const float *bias_c, float alpha,
                      const ea_act_t *act, int last) {
-#define EA_TILE(R, U) tile(R, U, kc, a, b, ldb, c, ldc, src, lds, bias_r, bias_c, alpha, act, last)
+#define EA_TILE(R) tile(R, kc, a, b, ldb, c, ldc, src, lds, bias_r, bias_c, alpha, act, last)
   switch (rows) {
-  case 1: EA_TILE(1, 4); break;
-  case 2: EA_TILE(2, 2); break;
-#if EA_MR >= 3
-  case 3: EA_TILE(3, 1); break;
-#endif
-#if EA_MR >= 4
-  case 4: EA_TILE(4, 1); break;
-#endif
-#if EA_MR >= 5
-  case 5: EA_TILE(5, 1); break;
-#endif
-#if EA_MR >= 6
-  case 6: EA_TILE(6, 1); break;
-#endif
-  default: break;
+  case 1: EA_TILE(1); break;
+  case 2: EA_TILE(2); break;
+  case 3: EA_TILE(3); break;
+  default: EA_TILE(4); break;
   }
 #undef EA_TILE
 }

@@ -6,6 +6,7 @@
  * matters (tests/test_convert_eltwise.py checks the kernels against onnxruntime):
  *   ea_v_exp      ~1-2 ulp (max relative error < 2.5e-7); denormal results kept; NaN -> NaN
  *   ea_v_expm1    ~2 ulp relative, also near 0 (no cancellation for |x| < ln2/2)
+ *   ea_v_log      ~1 ulp (Cephes logf); denormals, 0, inf, negatives and NaN as libm
  *   ea_v_tanh     ~3 ulp relative (< 4e-7), exact sign and exact 0, +-1 beyond |x| >= 10
  *   ea_v_sigmoid  ~3 ulp relative (< 4e-7) where the result is a normal float
  *   ea_v_erf      < 2.5e-7 relative everywhere (~3 ulp)
@@ -18,8 +19,12 @@
 #ifndef EA_VMATH_H
 #define EA_VMATH_H
 
+#include <math.h>
 #include <stdint.h>
 #include <wasm_simd128.h>
+
+/* Always inlined: a call per vector (v128 arguments, constants re-materialised) costs more than the math. */
+#define EA_VINLINE static inline __attribute__((always_inline))
 
 /* Activation kinds of ea_activation_f32 (agent/convert/ops/unary.py ACTIVATION_KINDS must agree). */
 enum {
@@ -42,8 +47,16 @@ enum {
 /* Apply activation `kind` to x[0..n) in place. Defined in ops_unary.c. Unknown kinds leave x as is. */
 void ea_activation_f32(float *x, int32_t n, int32_t kind, float alpha, float beta);
 
-/* 2^n for integral n in [-252, 254] given as i32 lanes, as two factors (each a normal float). */
-static inline v128_t ea_v_pow2_scale(v128_t p, v128_t n) {
+/*
+ * Clamp with NaN kept: pmin/pmax (one x86 instruction each, unlike the IEEE min/max that
+ * f32x4.min/max are) return their first operand when the comparison fails, so a NaN x stays NaN.
+ */
+EA_VINLINE v128_t ea_v_clamp(v128_t x, float lo, float hi) {
+  return wasm_f32x4_pmin(wasm_f32x4_pmax(x, wasm_f32x4_splat(lo)), wasm_f32x4_splat(hi));
+}
+
+/* p * 2^n for integral n in [-252, 254] given as i32 lanes, as two factors (each a normal float). */
+EA_VINLINE v128_t ea_v_pow2_scale(v128_t p, v128_t n) {
   v128_t n1 = wasm_i32x4_shr(n, 1);
   v128_t n2 = wasm_i32x4_sub(n, n1);
   v128_t bias = wasm_i32x4_splat(127);
@@ -55,10 +68,14 @@ static inline v128_t ea_v_pow2_scale(v128_t p, v128_t n) {
 /*
  * Shared range reduction of exp/expm1: x = n ln2 + r, |r| <= ln2/2 (Cody-Waite, two-part ln2),
  * q = e^r - 1 = r + r^2 P(r) (Cephes expf minimax polynomial, ~1 ulp on the reduced range).
+ * n = round-to-nearest(x log2 e) by adding 1.5 * 2^23 (its low mantissa bits are then n as an
+ * integer): cheaper than f32x4.nearest + trunc_sat on x86.
  */
-static inline v128_t ea_v_exp_reduce(v128_t x, v128_t *n_out) {
-  x = wasm_f32x4_min(wasm_f32x4_max(x, wasm_f32x4_splat(-104.0f)), wasm_f32x4_splat(88.8f)); /* NaN stays NaN */
-  v128_t n = wasm_f32x4_nearest(wasm_f32x4_mul(x, wasm_f32x4_splat(1.44269504088896341f)));
+EA_VINLINE v128_t ea_v_exp_reduce(v128_t x, v128_t *n_float, v128_t *n_int) {
+  const v128_t magic = wasm_f32x4_splat(12582912.0f);
+  x = ea_v_clamp(x, -104.0f, 88.8f); /* NaN stays NaN */
+  v128_t t = wasm_f32x4_add(wasm_f32x4_mul(x, wasm_f32x4_splat(1.44269504088896341f)), magic);
+  v128_t n = wasm_f32x4_sub(t, magic);
   v128_t r = wasm_f32x4_sub(x, wasm_f32x4_mul(n, wasm_f32x4_splat(0.693359375f)));
   r = wasm_f32x4_sub(r, wasm_f32x4_mul(n, wasm_f32x4_splat(-2.12194440e-4f)));
   v128_t p = wasm_f32x4_splat(1.9875691500e-4f);
@@ -67,38 +84,72 @@ static inline v128_t ea_v_exp_reduce(v128_t x, v128_t *n_out) {
   p = wasm_f32x4_add(wasm_f32x4_mul(p, r), wasm_f32x4_splat(4.1665795894e-2f));
   p = wasm_f32x4_add(wasm_f32x4_mul(p, r), wasm_f32x4_splat(1.6666665459e-1f));
   p = wasm_f32x4_add(wasm_f32x4_mul(p, r), wasm_f32x4_splat(5.0000001201e-1f));
-  *n_out = n;
+  *n_float = n;
+  *n_int = wasm_i32x4_sub(t, magic); /* the integer bits: t = magic + n exactly */
   return wasm_f32x4_add(wasm_f32x4_mul(wasm_f32x4_mul(r, r), p), r);
 }
 
 /* e^x. ~1-2 ulp; overflow -> +inf (x > 88.72), gradual underflow to 0 (x < -103.97); NaN -> NaN. */
-static inline v128_t ea_v_exp(v128_t x) {
-  v128_t n;
-  v128_t q = ea_v_exp_reduce(x, &n);
-  v128_t p = wasm_f32x4_add(q, wasm_f32x4_splat(1.0f));
-  return ea_v_pow2_scale(p, wasm_i32x4_trunc_sat_f32x4(n));
+EA_VINLINE v128_t ea_v_exp(v128_t x) {
+  v128_t n, ni;
+  v128_t q = ea_v_exp_reduce(x, &n, &ni);
+  return ea_v_pow2_scale(wasm_f32x4_add(q, wasm_f32x4_splat(1.0f)), ni);
 }
 
 /* e^x - 1, accurate (~2 ulp relative) near 0 as well. */
-static inline v128_t ea_v_expm1(v128_t x) {
-  v128_t n;
-  v128_t q = ea_v_exp_reduce(x, &n);
-  v128_t big = wasm_f32x4_sub(ea_v_pow2_scale(wasm_f32x4_add(q, wasm_f32x4_splat(1.0f)), wasm_i32x4_trunc_sat_f32x4(n)),
-                              wasm_f32x4_splat(1.0f));
+EA_VINLINE v128_t ea_v_expm1(v128_t x) {
+  v128_t n, ni;
+  v128_t q = ea_v_exp_reduce(x, &n, &ni);
+  v128_t big = wasm_f32x4_sub(ea_v_pow2_scale(wasm_f32x4_add(q, wasm_f32x4_splat(1.0f)), ni), wasm_f32x4_splat(1.0f));
   return wasm_v128_bitselect(q, big, wasm_f32x4_eq(n, wasm_f32x4_splat(0.0f)));
 }
 
+/*
+ * log x (Cephes logf): x = m 2^e with m in [sqrt(1/2), sqrt 2), log(m) by a degree-9 polynomial
+ * in m - 1, e ln2 in two parts. ~1 ulp; denormals scaled first; log 0 = -inf, log(x < 0) = NaN,
+ * log inf = inf, NaN -> NaN.
+ */
+EA_VINLINE v128_t ea_v_log(v128_t x) {
+  const v128_t one = wasm_f32x4_splat(1.0f);
+  v128_t tiny = wasm_f32x4_lt(x, wasm_f32x4_splat(1.17549435e-38f)); /* denormal (or <= 0) */
+  v128_t xs = wasm_v128_bitselect(wasm_f32x4_mul(x, wasm_f32x4_splat(8388608.0f)), x, tiny);
+  v128_t e = wasm_i32x4_sub(wasm_u32x4_shr(xs, 23), wasm_i32x4_splat(126));
+  e = wasm_v128_bitselect(wasm_i32x4_sub(e, wasm_i32x4_splat(23)), e, tiny);
+  v128_t m = wasm_v128_or(wasm_v128_and(xs, wasm_i32x4_splat(0x007fffff)), wasm_i32x4_splat(0x3f000000)); /* [0.5, 1) */
+  v128_t lo = wasm_f32x4_lt(m, wasm_f32x4_splat(0.707106781186547524f));
+  v128_t ef = wasm_f32x4_convert_i32x4(wasm_v128_bitselect(wasm_i32x4_sub(e, wasm_i32x4_splat(1)), e, lo));
+  v128_t f = wasm_f32x4_sub(wasm_v128_bitselect(wasm_f32x4_add(m, m), m, lo), one);
+  v128_t z = wasm_f32x4_mul(f, f);
+  v128_t y = wasm_f32x4_splat(7.0376836292e-2f);
+  y = wasm_f32x4_add(wasm_f32x4_mul(y, f), wasm_f32x4_splat(-1.1514610310e-1f));
+  y = wasm_f32x4_add(wasm_f32x4_mul(y, f), wasm_f32x4_splat(1.1676998740e-1f));
+  y = wasm_f32x4_add(wasm_f32x4_mul(y, f), wasm_f32x4_splat(-1.2420140846e-1f));
+  y = wasm_f32x4_add(wasm_f32x4_mul(y, f), wasm_f32x4_splat(1.4249322787e-1f));
+  y = wasm_f32x4_add(wasm_f32x4_mul(y, f), wasm_f32x4_splat(-1.6668057665e-1f));
+  y = wasm_f32x4_add(wasm_f32x4_mul(y, f), wasm_f32x4_splat(2.0000714765e-1f));
+  y = wasm_f32x4_add(wasm_f32x4_mul(y, f), wasm_f32x4_splat(-2.4999993993e-1f));
+  y = wasm_f32x4_add(wasm_f32x4_mul(y, f), wasm_f32x4_splat(3.3333331174e-1f));
+  y = wasm_f32x4_mul(wasm_f32x4_mul(y, f), z);
+  y = wasm_f32x4_add(y, wasm_f32x4_mul(ef, wasm_f32x4_splat(-2.12194440e-4f)));
+  y = wasm_f32x4_sub(y, wasm_f32x4_mul(z, wasm_f32x4_splat(0.5f)));
+  v128_t r = wasm_f32x4_add(wasm_f32x4_add(f, y), wasm_f32x4_mul(ef, wasm_f32x4_splat(0.693359375f)));
+  /* Special values: 0 -> -inf, inf -> inf, x < 0 or NaN -> NaN. */
+  r = wasm_v128_bitselect(wasm_f32x4_splat(-INFINITY), r, wasm_f32x4_eq(x, wasm_f32x4_splat(0.0f)));
+  r = wasm_v128_bitselect(x, r, wasm_f32x4_eq(x, wasm_f32x4_splat(INFINITY)));
+  return wasm_v128_bitselect(wasm_f32x4_splat(NAN), r, wasm_v128_not(wasm_f32x4_ge(x, wasm_f32x4_splat(0.0f))));
+}
+
 /* tanh x = sign(x) e / (e + 2), e = expm1(2|x|); |x| >= 10 gives +-1 exactly. ~3 ulp. */
-static inline v128_t ea_v_tanh(v128_t x) {
+EA_VINLINE v128_t ea_v_tanh(v128_t x) {
   v128_t sign = wasm_v128_and(x, wasm_i32x4_splat((int32_t)0x80000000u));
-  v128_t a = wasm_f32x4_min(wasm_f32x4_abs(x), wasm_f32x4_splat(10.0f));
+  v128_t a = wasm_f32x4_pmin(wasm_f32x4_abs(x), wasm_f32x4_splat(10.0f)); /* NaN stays NaN */
   v128_t e = ea_v_expm1(wasm_f32x4_add(a, a));
   v128_t t = wasm_f32x4_div(e, wasm_f32x4_add(e, wasm_f32x4_splat(2.0f)));
   return wasm_v128_or(t, sign);
 }
 
 /* 1 / (1 + e^-x). ~3 ulp where the result is normal; flushes to 0 below x = -88.7. */
-static inline v128_t ea_v_sigmoid(v128_t x) {
+EA_VINLINE v128_t ea_v_sigmoid(v128_t x) {
   v128_t e = ea_v_exp(wasm_f32x4_neg(x));
   return wasm_f32x4_div(wasm_f32x4_splat(1.0f), wasm_f32x4_add(wasm_f32x4_splat(1.0f), e));
 }
@@ -111,7 +162,7 @@ static inline v128_t ea_v_sigmoid(v128_t x) {
 #define EA_ERF_SPLIT 0.921875f
 #define EA_ERF_HIGH 3.925f
 
-static inline v128_t ea_v_erf_small(v128_t x) { /* erf x for |x| < EA_ERF_SPLIT */
+EA_VINLINE v128_t ea_v_erf_small(v128_t x) { /* erf x for |x| < EA_ERF_SPLIT */
   v128_t z = wasm_f32x4_mul(x, x);
   v128_t p = wasm_f32x4_splat(-6.014832761e-04f);
   p = wasm_f32x4_add(wasm_f32x4_mul(p, z), wasm_f32x4_splat(4.998284858e-03f));
@@ -122,8 +173,8 @@ static inline v128_t ea_v_erf_small(v128_t x) { /* erf x for |x| < EA_ERF_SPLIT 
   return wasm_f32x4_mul(p, x);
 }
 
-static inline v128_t ea_v_erfc_big(v128_t a) { /* erfc a for EA_ERF_SPLIT <= a (clamped at EA_ERF_HIGH), ~3e-6 rel */
-  v128_t t = wasm_f32x4_min(a, wasm_f32x4_splat(EA_ERF_HIGH));
+EA_VINLINE v128_t ea_v_erfc_big(v128_t a) { /* erfc a for EA_ERF_SPLIT <= a (clamped at EA_ERF_HIGH), ~3e-6 rel */
+  v128_t t = wasm_f32x4_pmin(a, wasm_f32x4_splat(EA_ERF_HIGH)); /* NaN stays NaN */
   v128_t q = wasm_f32x4_splat(1.630994007e-06f);
   q = wasm_f32x4_add(wasm_f32x4_mul(q, t), wasm_f32x4_splat(-4.590017124e-05f));
   q = wasm_f32x4_add(wasm_f32x4_mul(q, t), wasm_f32x4_splat(5.951652420e-04f));
@@ -136,7 +187,7 @@ static inline v128_t ea_v_erfc_big(v128_t a) { /* erfc a for EA_ERF_SPLIT <= a (
   return ea_v_exp(q);
 }
 
-static inline v128_t ea_v_erf(v128_t x) {
+EA_VINLINE v128_t ea_v_erf(v128_t x) {
   v128_t a = wasm_f32x4_abs(x);
   v128_t sign = wasm_v128_and(x, wasm_i32x4_splat((int32_t)0x80000000u));
   v128_t big = wasm_v128_or(wasm_f32x4_sub(wasm_f32x4_splat(1.0f), ea_v_erfc_big(a)), sign);
@@ -148,7 +199,7 @@ static inline v128_t ea_v_erf(v128_t x) {
  * t = x / sqrt 2 <= -0.921875 (no cancellation): ~3e-7 relative for x > -1.3, ~3e-6 relative
  * down to x = -5.55; 0 below (where |Gelu| < 2.3e-8).
  */
-static inline v128_t ea_v_gelu(v128_t x) {
+EA_VINLINE v128_t ea_v_gelu(v128_t x) {
   const v128_t half = wasm_f32x4_splat(0.5f);
   v128_t t = wasm_f32x4_mul(x, wasm_f32x4_splat(0.70710678118654752f));
   v128_t a = wasm_f32x4_abs(t);
@@ -161,7 +212,7 @@ static inline v128_t ea_v_gelu(v128_t x) {
 }
 
 /* Gelu, tanh form: 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): no cancellation. */
-static inline v128_t ea_v_gelu_tanh(v128_t x) {
+EA_VINLINE v128_t ea_v_gelu_tanh(v128_t x) {
   v128_t x3 = wasm_f32x4_mul(wasm_f32x4_mul(x, x), x);
   v128_t u = wasm_f32x4_mul(wasm_f32x4_add(x, wasm_f32x4_mul(x3, wasm_f32x4_splat(0.044715f))),
                             wasm_f32x4_splat(0.79788456080286536f));
@@ -169,13 +220,13 @@ static inline v128_t ea_v_gelu_tanh(v128_t x) {
 }
 
 /* Load up to 4 floats (n in 1..3 for a tail) into a vector, zero-padded; store back n lanes. */
-static inline v128_t ea_v_load_partial(const float *p, int32_t n) {
+EA_VINLINE v128_t ea_v_load_partial(const float *p, int32_t n) {
   float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int32_t i = 0; i < n; i++) t[i] = p[i];
   return wasm_v128_load(t);
 }
 
-static inline void ea_v_store_partial(float *p, v128_t v, int32_t n) {
+EA_VINLINE void ea_v_store_partial(float *p, v128_t v, int32_t n) {
   float t[4];
   wasm_v128_store(t, v);
   for (int32_t i = 0; i < n; i++) p[i] = t[i];

@@ -174,6 +174,14 @@ ROW2(div_f32, float, float, float, a / b)
 ROW2(max_f32, float, float, float, __builtin_wasm_max_f32(a, b)) /* NaN propagates */
 ROW2(min_f32, float, float, float, __builtin_wasm_min_f32(a, b))
 ROW2(fmod_f32, float, float, float, fmodf(a, b))
+/* Mod with fmod=0 on floats (opset 28): the divisor's sign, as numpy.mod / Python's %. */
+static float pymod_f32(float a, float b) {
+  float m = fmodf(a, b);
+  if (b == 0.0f) return m; /* NaN */
+  if (m != 0.0f) return ((b < 0.0f) != (m < 0.0f)) ? m + b : m;
+  return copysignf(0.0f, b);
+}
+ROW2(mod_f32, float, float, float, pymod_f32(a, b))
 ROW2(prelu_f32, float, float, float, a < 0.0f ? a * b : a)
 ROW2(eq_f32, float, float, uint8_t, a == b)
 ROW2(gt_f32, float, float, uint8_t, a > b)
@@ -328,7 +336,7 @@ static row_fn pick(int32_t code, int32_t ta, int32_t tb, int32_t fmod_flag) {
     NUM(eq_f32, eq_)
   case B_MOD:
     if (ta != tb) return 0;
-    if (ta == EA_F32) return fmod_flag ? fmod_f32 : 0;
+    if (ta == EA_F32) return fmod_flag ? fmod_f32 : mod_f32;
     if (fmod_flag) {
       BY_INT(fmod_)
     } else {

@@ -312,7 +312,7 @@ static int32_t op_linear(const ea_op_t *op) {
     } else if (post == POST_PROBIT) {
       s[0] = ml_probit(s[0]);
     } else if (second) {
-      float v = s[0];
+      float v = post == POST_LOGISTIC ? ml_logistic(s[0]) : s[0];
       s[0] = 1.f - v;
       s[1] = v;
     }
@@ -395,9 +395,11 @@ static int64_t ml_finish_binary(const ml_forest_t *fo, float *s, const uint8_t *
   } else {
     label = pos > 0 ? 1 : 0; /* onnxruntime's positive/negative labels here are 1 and 0 */
   }
+  /* onnxruntime writes a score that never received a weight (nor a base value) as 0. */
+  if (!h0) s0 = 0.f;
   if (size == 2) {
     z[0] = s0;
-    z[1] = s1;
+    z[1] = h1 ? s1 : 0.f;
     ml_post(z, 2, fo->post);
   } else if (fo->post == POST_PROBIT) {
     z[0] = ml_probit(s0);
@@ -447,7 +449,7 @@ static void ml_finish_row(const ml_forest_t *fo, float *s, uint8_t *h, float *z,
         v = use_base ? fo->base[c] : 0.f;
         v += h[c] ? s[c] : 0.f;
       }
-      z[c] = v;
+      z[c] = h[c] ? v : 0.f; /* a target no leaf gave a weight to is written as 0, base value or not */
     }
     ml_post(z, C, fo->post);
     return;

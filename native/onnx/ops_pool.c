@@ -9,13 +9,16 @@
 #include <float.h>
 #include <wasm_simd128.h>
 
+#include "ea_gemm.h"
 #include "ea_math.h"
 
 enum {
   OP_POOL = 32,           /* x -> y. iattr: kind, count_include_pad, k[3], s[3], d[3], pad_begin[3], pad_end[3]; fattr: p */
   OP_GLOBAL_POOL = 33,    /* x -> y (N, C, 1...). iattr: kind; fattr: p */
   OP_CONV_TRANSPOSE = 34, /* x, w, bias? -> y. iattr: group, k[3], s[3], d[3], pad_begin[3], co_blk, raw.
-                             w: packed (G, Cout_g*K, Cin_g), or with raw = 1 ONNX's (Cin, Cout_g, k...), packed per run */
+                             w: per group, per block of co_blk output channels, the block's rows of
+                             (Cout_g*K, Cin_g) in ea_gemm A panels; with raw = 1 ONNX's (Cin, Cout_g, k...),
+                             packed block by block at each run */
 };
 
 enum { KIND_MAX = 0, KIND_AVG = 1, KIND_LP = 2 };
@@ -278,92 +281,6 @@ static int32_t op_global_pool(const ea_op_t *op) {
   return EA_OK;
 }
 
-/*
- * C[M, N] = A[M, K] B[K, N]: A row-major (lda = K), B rows ldb apart, C rows N apart.
- * 4x8 register tiles.
- */
-static void gemm(int32_t M, int32_t N, int32_t K, const float *A, const float *B, int32_t ldb, float *C) {
-  int32_t i = 0;
-  for (; i + 4 <= M; i += 4) {
-    const float *a0 = A + (size_t)i * K, *a1 = a0 + K, *a2 = a1 + K, *a3 = a2 + K;
-    float *c0 = C + (size_t)i * N, *c1 = c0 + N, *c2 = c1 + N, *c3 = c2 + N;
-    int32_t j = 0;
-    for (; j + 8 <= N; j += 8) {
-      v128_t s00 = wasm_f32x4_splat(0), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00, s30 = s00, s31 = s00;
-      const float *b = B + j;
-      for (int32_t p = 0; p < K; p++, b += ldb) {
-        v128_t b0 = wasm_v128_load(b), b1 = wasm_v128_load(b + 4);
-        v128_t v;
-        v = wasm_f32x4_splat(a0[p]);
-        s00 = wasm_f32x4_add(s00, wasm_f32x4_mul(v, b0));
-        s01 = wasm_f32x4_add(s01, wasm_f32x4_mul(v, b1));
-        v = wasm_f32x4_splat(a1[p]);
-        s10 = wasm_f32x4_add(s10, wasm_f32x4_mul(v, b0));
-        s11 = wasm_f32x4_add(s11, wasm_f32x4_mul(v, b1));
-        v = wasm_f32x4_splat(a2[p]);
-        s20 = wasm_f32x4_add(s20, wasm_f32x4_mul(v, b0));
-        s21 = wasm_f32x4_add(s21, wasm_f32x4_mul(v, b1));
-        v = wasm_f32x4_splat(a3[p]);
-        s30 = wasm_f32x4_add(s30, wasm_f32x4_mul(v, b0));
-        s31 = wasm_f32x4_add(s31, wasm_f32x4_mul(v, b1));
-      }
-      wasm_v128_store(c0 + j, s00);
-      wasm_v128_store(c0 + j + 4, s01);
-      wasm_v128_store(c1 + j, s10);
-      wasm_v128_store(c1 + j + 4, s11);
-      wasm_v128_store(c2 + j, s20);
-      wasm_v128_store(c2 + j + 4, s21);
-      wasm_v128_store(c3 + j, s30);
-      wasm_v128_store(c3 + j + 4, s31);
-    }
-    for (; j + 4 <= N; j += 4) {
-      v128_t s0 = wasm_f32x4_splat(0), s1 = s0, s2 = s0, s3 = s0;
-      const float *b = B + j;
-      for (int32_t p = 0; p < K; p++, b += ldb) {
-        v128_t b0 = wasm_v128_load(b);
-        s0 = wasm_f32x4_add(s0, wasm_f32x4_mul(wasm_f32x4_splat(a0[p]), b0));
-        s1 = wasm_f32x4_add(s1, wasm_f32x4_mul(wasm_f32x4_splat(a1[p]), b0));
-        s2 = wasm_f32x4_add(s2, wasm_f32x4_mul(wasm_f32x4_splat(a2[p]), b0));
-        s3 = wasm_f32x4_add(s3, wasm_f32x4_mul(wasm_f32x4_splat(a3[p]), b0));
-      }
-      wasm_v128_store(c0 + j, s0);
-      wasm_v128_store(c1 + j, s1);
-      wasm_v128_store(c2 + j, s2);
-      wasm_v128_store(c3 + j, s3);
-    }
-    for (; j < N; j++) {
-      float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-      for (int32_t p = 0; p < K; p++) {
-        float bv = B[(size_t)p * ldb + j];
-        s0 += a0[p] * bv;
-        s1 += a1[p] * bv;
-        s2 += a2[p] * bv;
-        s3 += a3[p] * bv;
-      }
-      c0[j] = s0;
-      c1[j] = s1;
-      c2[j] = s2;
-      c3[j] = s3;
-    }
-  }
-  for (; i < M; i++) {
-    const float *a0 = A + (size_t)i * K;
-    float *c0 = C + (size_t)i * N;
-    int32_t j = 0;
-    for (; j + 4 <= N; j += 4) {
-      v128_t s0 = wasm_f32x4_splat(0);
-      const float *b = B + j;
-      for (int32_t p = 0; p < K; p++, b += ldb) s0 = wasm_f32x4_add(s0, wasm_f32x4_mul(wasm_f32x4_splat(a0[p]), wasm_v128_load(b)));
-      wasm_v128_store(c0 + j, s0);
-    }
-    for (; j < N; j++) {
-      float s0 = 0;
-      for (int32_t p = 0; p < K; p++) s0 += a0[p] * B[(size_t)p * ldb + j];
-      c0[j] = s0;
-    }
-  }
-}
-
 /* dst[o * s] += src[o] for o in [0, n). */
 static void scatter_add(float *dst, const float *src, int32_t n, int32_t s) {
   int32_t o = 0;
@@ -397,19 +314,20 @@ static int32_t op_conv_transpose(const ea_op_t *op) {
   int32_t batch = x->dims[0], cin = x->dims[1], cout = y->dims[1];
   int32_t cin_g = cin / group, cout_g = cout / group, kvol = k[0] * k[1] * k[2];
   int32_t s_in = in[0] * in[1] * in[2], s_out = out[0] * out[1] * out[2];
-  if (cin_g * group != cin || cout_g * group != cout || w->count != group * cout_g * kvol * cin_g) return EA_ERR_INTERNAL;
+  if (cin_g * group != cin || cout_g * group != cout) return EA_ERR_INTERNAL;
   if (bias && bias->count != cout) return EA_ERR_INTERNAL;
   if (co_blk > cout_g) co_blk = cout_g;
+  int32_t raw = op->n_i > 14 && op->iattr[14];
+  int32_t m_g = cout_g * kvol;
+  int32_t full_block = ea_gemm_packed_a_size(co_blk * kvol, cin_g);
+  int32_t n_full = cout_g / co_blk, tail = cout_g - n_full * co_blk;
+  int32_t group_size = n_full * full_block + (tail ? ea_gemm_packed_a_size(tail * kvol, cin_g) : 0);
+  if (w->count != (raw ? group * m_g * cin_g : group * group_size)) return EA_ERR_INTERNAL;
   const float *ws = w->data;
-  if (op->n_i > 14 && op->iattr[14]) {
-    /* A weight computed at run time: pack it as the lowering packs a constant one. */
-    float *packed = ea_scratch((uint32_t)w->count * 4u);
+  float *packed = 0;
+  if (raw) {
+    packed = ea_scratch((uint32_t)full_block * 4u);
     if (!packed) return EA_ERR_NOMEM;
-    for (int32_t g = 0; g < group; g++)
-      for (int32_t ci = 0; ci < cin_g; ci++)
-        for (int32_t r = 0; r < cout_g * kvol; r++)
-          packed[((size_t)g * cout_g * kvol + r) * cin_g + ci] = ws[((size_t)g * cin_g + ci) * cout_g * kvol + r];
-    ws = packed;
   }
   float *cols = ea_scratch((uint32_t)co_blk * (uint32_t)kvol * (uint32_t)s_in * 4u + (uint32_t)(2 * k[2]) * 4u);
   if (!cols) return EA_ERR_NOMEM;
@@ -430,8 +348,26 @@ static int32_t op_conv_transpose(const ea_op_t *op) {
       const float *xg = xs + ((size_t)n * cin + (size_t)g * cin_g) * s_in;
       for (int32_t c0 = 0; c0 < cout_g; c0 += co_blk) {
         int32_t cb = EA_MIN(co_blk, cout_g - c0);
-        const float *ag = ws + ((size_t)g * cout_g + c0) * kvol * cin_g;
-        gemm(cb * kvol, s_in, cin_g, ag, xg, s_in, cols);
+        const float *ag;
+        if (raw) {
+          /* A(i, ci) = W[g*Cin_g + ci][c0*K + i] */
+          ea_gemm_pack_a(ws + (size_t)g * cin_g * m_g + (size_t)c0 * kvol, cb * kvol, cin_g, 1, m_g, packed);
+          ag = packed;
+        } else {
+          ag = ws + (size_t)g * group_size + (size_t)(c0 / co_blk) * full_block;
+        }
+        ea_gemm_t gm = {0};
+        gm.M = cb * kvol;
+        gm.N = s_in;
+        gm.K = cin_g;
+        gm.a = ag;
+        gm.b = xg;
+        gm.ldb = s_in;
+        gm.c = cols;
+        gm.ldc = s_in;
+        gm.alpha = 1.0f;
+        int32_t status = ea_gemm(&gm);
+        if (status != EA_OK) return status;
         for (int32_t c = 0; c < cb; c++) {
           float *plane = ys + ((size_t)n * cout + (size_t)g * cout_g + c0 + c) * s_out;
           for (int32_t jd = 0; jd < k[0]; jd++)

@@ -9,6 +9,9 @@
  * move data across the batch axis (they refuse such graphs).
  */
 #include "ea_math.h"
+#ifdef __wasm_simd128__
+#include <wasm_simd128.h>
+#endif
 
 enum {
   OP_TRANSPOSE = 0, /* in[0] -> out[0]; iattr: rank, perm[rank], view dims[rank] (view dims[0] < 0: inferred from count) */
@@ -24,10 +27,32 @@ enum {
 
 /* -- element copies by size ----------------------------------------------- */
 
+/*
+ * n bytes from src to dst (no overlap). Short copies (rows of a slice, a pad) stay inline: a call to
+ * memcpy costs more than moving a few vectors. The attribute keeps clang from turning the loop back
+ * into a memcpy call.
+ */
+__attribute__((no_builtin("memcpy"))) static void copy_bytes(unsigned char *restrict dst,
+                                                             const unsigned char *restrict src, int64_t n) {
+  if (n >= 1024) {
+    memcpy(dst, src, (size_t)n);
+    return;
+  }
+  int64_t i = 0;
+#ifdef __wasm_simd128__
+  for (; i + 16 <= n; i += 16) wasm_v128_store(dst + i, wasm_v128_load(src + i));
+#endif
+  for (; i + 4 <= n; i += 4) {
+    uint32_t v;
+    __builtin_memcpy(&v, src + i, 4);
+    __builtin_memcpy(dst + i, &v, 4);
+  }
+  for (; i < n; i++) dst[i] = src[i];
+}
+
 /* n elements of `size` bytes from src to dst (no overlap). */
 static void copy_elems(unsigned char *dst, const unsigned char *src, int64_t n, int32_t size) {
-  if (n <= 0) return;
-  memcpy(dst, src, (size_t)(n * size));
+  if (n > 0) copy_bytes(dst, src, n * size);
 }
 
 /* n copies of the one element at `value` (size bytes) to dst. */
@@ -139,16 +164,15 @@ DEFINE_TRANSPOSE2D(transpose2d_u32, uint32_t)
 DEFINE_TRANSPOSE2D(transpose2d_u64, uint64_t)
 
 #ifdef __wasm_simd128__
-#include <wasm_simd128.h>
-/* 4-byte elements, both extents multiples of 4: 4x4 register transposes. */
+/* 4-byte elements: 4x4 register transposes inside each tile, scalar at the ragged edges. */
 static void transpose2d_u32_simd(uint32_t *restrict y, const uint32_t *restrict x, int32_t na, int32_t nb, int64_t xs,
                                  int64_t ys) {
   for (int32_t a0 = 0; a0 < na; a0 += TILE) {
-    int32_t a1 = EA_MIN(a0 + TILE, na);
+    int32_t a1 = EA_MIN(a0 + TILE, na), a4 = a0 + ((a1 - a0) & ~3);
     for (int32_t b0 = 0; b0 < nb; b0 += TILE) {
-      int32_t b1 = EA_MIN(b0 + TILE, nb);
-      for (int32_t a = a0; a < a1; a += 4) {
-        for (int32_t b = b0; b < b1; b += 4) {
+      int32_t b1 = EA_MIN(b0 + TILE, nb), b4 = b0 + ((b1 - b0) & ~3);
+      for (int32_t a = a0; a < a4; a += 4) {
+        for (int32_t b = b0; b < b4; b += 4) {
           v128_t r0 = wasm_v128_load(x + a * xs + b);
           v128_t r1 = wasm_v128_load(x + (a + 1) * xs + b);
           v128_t r2 = wasm_v128_load(x + (a + 2) * xs + b);
@@ -162,7 +186,11 @@ static void transpose2d_u32_simd(uint32_t *restrict y, const uint32_t *restrict 
           wasm_v128_store(y + (b + 2) * ys + a, wasm_i64x2_shuffle(t2, t3, 0, 2));
           wasm_v128_store(y + (b + 3) * ys + a, wasm_i64x2_shuffle(t2, t3, 1, 3));
         }
+        for (int32_t b = b4; b < b1; b++)
+          for (int32_t k = 0; k < 4; k++) y[b * ys + a + k] = x[(a + k) * xs + b];
       }
+      for (int32_t b = b0; b < b1; b++)
+        for (int32_t a = a4; a < a1; a++) y[b * ys + a] = x[a * xs + b];
     }
   }
 }
@@ -174,7 +202,7 @@ static void transpose2d(unsigned char *y, const unsigned char *x, int32_t na, in
   case 1: transpose2d_u8(y, x, na, nb, xs, ys); return;
   case 4:
 #ifdef __wasm_simd128__
-    if ((na & 3) == 0 && (nb & 3) == 0) {
+    if (na >= 4 && nb >= 4) {
       transpose2d_u32_simd((uint32_t *)(void *)y, (const uint32_t *)(const void *)x, na, nb, xs, ys);
       return;
     }
@@ -362,10 +390,14 @@ static int32_t op_split(const ea_op_t *op) {
 /*
  * out[i_0, ..., i_r-1] = in[m_0(i_0), ..., m_r-1(i_r-1)], or the fill value when any m_a(i_a) < 0.
  * in[1]: int32 maps, concatenated (absent when no axis has one); in[2]: the fill value, one element of
- * the data's dtype (absent: zero). iattr: contiguous, mode[rank]. mode[a]: MODE_IDENTITY (m(i) = i),
+ * the data's dtype (absent: zero). iattr: mode[rank]. mode[a]: MODE_IDENTITY (m(i) = i),
  * MODE_BROADCAST (m(i) = 0), or the offset of axis a's map in in[1] (out dims[a] entries).
- * contiguous: the last axis's map is m(i) = m(0) + i (rows copy whole). The input's rank may be
- * lower than the output's (Expand): its dims align to the right and the missing ones are 1.
+ * The input's rank may be lower than the output's (Expand): its dims align to the right and the
+ * missing ones are 1.
+ *
+ * Rows (the last axis) are the unit of work. Trailing identity axes merge into larger elements; a
+ * row whose map is fill, a contiguous run, then fill (Slice, Pad) is two fills and one copy; a row
+ * that reads the same input as the previous one (Resize upsampling, Tile, Expand) copies it.
  */
 static int32_t op_axmap(const ea_op_t *op) {
   const ea_tensor_t *x = op->in[0];
@@ -374,15 +406,14 @@ static int32_t op_axmap(const ea_op_t *op) {
   const ea_tensor_t *fill_t = op->n_in > 2 ? op->in[2] : 0;
   int32_t rank = y->rank;
   int32_t size = ea_dtype_size(y->dtype);
-  if (op->n_i != 1 + rank || x->rank > rank || x->dtype != y->dtype) return EA_ERR_INTERNAL;
+  if (op->n_i != rank || x->rank > rank || x->dtype != y->dtype) return EA_ERR_INTERNAL;
   if (fill_t && (fill_t->dtype != y->dtype || fill_t->count < 1)) return EA_ERR_INTERNAL;
   if (y->count == 0) return EA_OK;
   const int32_t *maps = maps_t ? (const int32_t *)maps_t->data : 0;
   int32_t nmaps = maps_t ? maps_t->count : 0;
-  int32_t contiguous = op->iattr[0];
   int32_t mode[EA_MAX_RANK];
   for (int32_t a = 0; a < rank; a++) {
-    mode[a] = op->iattr[1 + a];
+    mode[a] = op->iattr[a];
     if (mode[a] >= 0 && (!maps || mode[a] + y->dims[a] > nmaps)) return EA_ERR_INTERNAL;
     if (mode[a] < MODE_BROADCAST) return EA_ERR_INTERNAL;
   }
@@ -395,8 +426,12 @@ static int32_t op_axmap(const ea_op_t *op) {
   int32_t xd[EA_MAX_RANK];
   int32_t pad = rank - x->rank;
   for (int32_t a = 0; a < rank; a++) xd[a] = a < pad ? 1 : x->dims[a - pad];
-  for (int32_t a = 0; a < rank; a++)
+  for (int32_t a = 0; a < rank; a++) {
     if (mode[a] == MODE_IDENTITY && xd[a] < y->dims[a]) return EA_ERR_INTERNAL;
+    if (mode[a] >= 0)
+      for (int32_t i = 0; i < y->dims[a]; i++)
+        if (maps[mode[a] + i] >= xd[a]) return EA_ERR_INTERNAL;
+  }
 
   /* Trailing identity axes of equal extent move as one block: fewer, larger elements. */
   int32_t r = rank;
@@ -418,43 +453,59 @@ static int32_t op_axmap(const ea_op_t *op) {
   unsigned char *dst = y->data;
   int32_t inner = y->dims[r - 1];
   int32_t last = mode[r - 1];
+  const int32_t *lmap = last >= 0 ? maps + last : 0;
+  /* The last axis's map as fill * lead, a run of `run` consecutive indices from `first`, fill. */
+  int32_t lead = 0, run = 0, first = 0;
+  if (lmap) {
+    while (lead < inner && lmap[lead] < 0) lead++;
+    if (lead < inner) {
+      first = lmap[lead];
+      while (lead + run < inner && lmap[lead + run] == first + run) run++;
+      for (int32_t j = lead + run; j < inner; j++)
+        if (lmap[j] >= 0) run = -1; /* not that shape: gather */
+    }
+  }
   int64_t rows = 1;
   for (int32_t a = 0; a < r - 1; a++) rows *= y->dims[a];
   int32_t idx[EA_MAX_RANK] = {0};
   int64_t row_bytes = (int64_t)inner * esize;
-  /* A gathered last axis with block elements: map scaled to elements of `size` bytes is not possible
-     in place, so gather block by block. */
+  int64_t prev_base = -2;
   for (int64_t row = 0; row < rows; row++, dst += row_bytes) {
     int64_t base = 0;
-    int32_t valid = 1;
     for (int32_t a = 0; a < r - 1; a++) {
       int32_t m = mode[a] == MODE_IDENTITY ? idx[a] : mode[a] == MODE_BROADCAST ? 0 : maps[mode[a] + idx[a]];
       if (m < 0) {
-        valid = 0;
+        base = -1;
         break;
       }
       base += m * xs[a];
     }
-    if (!valid) {
-      fill_elems(dst, fill, (int64_t)inner * block, size);
-    } else if (last == MODE_IDENTITY) {
-      copy_elems(dst, src + base * esize, inner, (int32_t)esize);
-    } else if (last == MODE_BROADCAST) {
-      for (int32_t j = 0; j < inner; j++) memcpy(dst + j * esize, src + base * esize, (size_t)esize);
-    } else if (contiguous && maps[last] >= 0) {
-      copy_elems(dst, src + (base + maps[last]) * esize, inner, (int32_t)esize);
-    } else if (block == 1) {
-      gather_elems(dst, src + base * esize, maps + last, inner, size, fill);
-    } else {
-      for (int32_t j = 0; j < inner; j++) {
-        int32_t m = maps[last + j];
-        if (m < 0) fill_elems(dst + j * esize, fill, block, size);
-        else memcpy(dst + j * esize, src + (base + m) * esize, (size_t)esize);
-      }
-    }
     for (int32_t a = r - 2; a >= 0; a--) {
       if (++idx[a] < y->dims[a]) break;
       idx[a] = 0;
+    }
+    if (base == prev_base) {
+      copy_bytes(dst, dst - row_bytes, row_bytes); /* the same input row as the previous output row */
+      continue;
+    }
+    prev_base = base;
+    if (base < 0) {
+      fill_elems(dst, fill, (int64_t)inner * block, size);
+    } else if (last == MODE_IDENTITY) {
+      copy_bytes(dst, src + base * esize, row_bytes);
+    } else if (last == MODE_BROADCAST) {
+      for (int32_t j = 0; j < inner; j++) copy_bytes(dst + j * esize, src + base * esize, esize);
+    } else if (run >= 0) {
+      fill_elems(dst, fill, (int64_t)lead * block, size);
+      copy_bytes(dst + lead * esize, src + (base + first) * esize, run * esize);
+      fill_elems(dst + (lead + run) * esize, fill, (int64_t)(inner - lead - run) * block, size);
+    } else if (block == 1) {
+      gather_elems(dst, src + base * esize, lmap, inner, size, fill);
+    } else {
+      for (int32_t j = 0; j < inner; j++) {
+        if (lmap[j] < 0) fill_elems(dst + j * esize, fill, block, size);
+        else copy_bytes(dst + j * esize, src + (base + lmap[j]) * esize, esize);
+      }
     }
   }
   return EA_OK;

@@ -8,7 +8,8 @@
  * Attributes: fattr[0], fattr[1] = alpha/beta-like parameters (Clip min/max for floats,
  * LeakyRelu/Elu/Celu/ThresholdedRelu alpha, Selu alpha/gamma, HardSigmoid alpha/beta,
  * Shrink bias/lambd); iattr for integer Clip bounds (two int64 as lo/hi word pairs) and
- * IsInf's detect_negative/detect_positive.
+ * IsInf's detect_negative/detect_positive. Clip's optional in[1]/in[2] are bounds computed at
+ * run time (one element of the input's type); they replace the attribute bound.
  * Also defines ea_activation_f32 (declared in ea_vmath.h) for other families' epilogues.
  */
 #include "ea_math.h"
@@ -92,21 +93,22 @@ static int32_t unary_f32(int32_t code, const float *x, float *y, int32_t n, floa
   switch (code) {
   case U_SQRT: VLOOP(wasm_f32x4_sqrt(v)); return 1;
   case U_EXP: VLOOP(ea_v_exp(v)); return 1;
-  case U_LOG: SLOOP(logf(v)); return 1;
+  case U_LOG: VLOOP(ea_v_log(v)); return 1;
   case U_NEG: VLOOP(wasm_f32x4_neg(v)); return 1;
   case U_ABS: VLOOP(wasm_f32x4_abs(v)); return 1;
-  case U_CLIP: VLOOP(wasm_f32x4_min(wasm_f32x4_max(v, va), vb)); return 1;
-  case U_RELU: VLOOP(wasm_f32x4_max(v, zero)); return 1;
+  /* pmin/pmax (single x86 instructions) with v first: a NaN input stays NaN. */
+  case U_CLIP: VLOOP(wasm_f32x4_pmin(wasm_f32x4_pmax(v, va), vb)); return 1;
+  case U_RELU: VLOOP(wasm_f32x4_pmax(v, zero)); return 1;
   case U_LEAKY_RELU: VLOOP(wasm_v128_bitselect(wasm_f32x4_mul(v, va), v, wasm_f32x4_lt(v, zero))); return 1;
   case U_ELU: VLOOP(wasm_v128_bitselect(v, wasm_f32x4_mul(va, ea_v_expm1(v)), wasm_f32x4_gt(v, zero))); return 1;
   case U_SELU: /* alpha, beta = gamma */
     VLOOP(wasm_f32x4_mul(vb, wasm_v128_bitselect(v, wasm_f32x4_mul(va, ea_v_expm1(v)), wasm_f32x4_gt(v, zero))));
     return 1;
   case U_SIGMOID: VLOOP(ea_v_sigmoid(v)); return 1;
-  case U_HARD_SIGMOID: VLOOP(wasm_f32x4_max(zero, wasm_f32x4_min(one, wasm_f32x4_add(wasm_f32x4_mul(v, va), vb)))); return 1;
+  case U_HARD_SIGMOID: VLOOP(wasm_f32x4_pmax(wasm_f32x4_pmin(wasm_f32x4_add(wasm_f32x4_mul(v, va), vb), one), zero)); return 1;
   case U_HARD_SWISH: {
     const v128_t sixth = wasm_f32x4_splat(1.0f / 6.0f), half = wasm_f32x4_splat(0.5f);
-    VLOOP(wasm_f32x4_mul(v, wasm_f32x4_max(zero, wasm_f32x4_min(one, wasm_f32x4_add(wasm_f32x4_mul(v, sixth), half)))));
+    VLOOP(wasm_f32x4_mul(v, wasm_f32x4_pmax(wasm_f32x4_pmin(wasm_f32x4_add(wasm_f32x4_mul(v, sixth), half), one), zero)));
     return 1;
   }
   case U_TANH: VLOOP(ea_v_tanh(v)); return 1;
@@ -236,6 +238,30 @@ static int32_t op_unary(const ea_op_t *op) {
   if (xt->dtype != yt->dtype) return EA_ERR_INTERNAL;
   int32_t ok;
   int64_t lo = iattr64(op, 0), hi = iattr64(op, 1);
+  if (code == U_CLIP) {
+    for (int32_t k = 1; k <= 2 && k < op->n_in; k++) {
+      const ea_tensor_t *bt = op->in[k];
+      if (!bt) continue;
+      if (bt->count < 1 || bt->dtype != xt->dtype) return EA_ERR_INTERNAL;
+      int64_t iv = 0;
+      float fv = 0.0f;
+      switch (bt->dtype) {
+      case EA_F32: fv = *(const float *)bt->data; break;
+      case EA_I8: iv = *(const int8_t *)bt->data; break;
+      case EA_U8: iv = *(const uint8_t *)bt->data; break;
+      case EA_I32: iv = *(const int32_t *)bt->data; break;
+      case EA_I64: iv = *(const int64_t *)bt->data; break;
+      default: return EA_ERR_INTERNAL;
+      }
+      if (k == 1) {
+        alpha = fv;
+        lo = iv;
+      } else {
+        beta = fv;
+        hi = iv;
+      }
+    }
+  }
   switch (xt->dtype) {
   case EA_F32: ok = unary_f32(code, xt->data, yt->data, n, alpha, beta); break;
   case EA_I8: ok = unary_int8_t(code, xt->data, yt->data, n, lo, hi); break;

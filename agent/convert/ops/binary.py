@@ -16,10 +16,29 @@ from agent.convert.ops import FAMILY_BASE, lowering
 
 BASE = FAMILY_BASE["binary"]
 # The B_* enum of ops_binary.c, in order.
-_NAMES = (
-    "add sub mul div pow max min mod prelu equal greater less greater_equal less_equal and or xor where "
-    "bitwise_and bitwise_or bitwise_xor"
-).split()
+_NAMES = [
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "pow",
+    "max",
+    "min",
+    "mod",
+    "prelu",
+    "equal",
+    "greater",
+    "less",
+    "greater_equal",
+    "less_equal",
+    "and",
+    "or",
+    "xor",
+    "where",
+    "bitwise_and",
+    "bitwise_or",
+    "bitwise_xor",
+]
 OPCODES: dict[str, int] = {name: BASE + index for index, name in enumerate(_NAMES)}
 
 F32 = np.dtype(np.float32)
@@ -98,8 +117,8 @@ def lower_binary(node: Node, lw: Lowerer) -> None:
             raise Unsupported(f"element type {a} is not supported ({op} takes {_types_text(allowed)})")
         if op == "Mod":
             fmod = int(node.attr("fmod", 0))
-            if a == F32 and not fmod:
-                raise Unsupported("Mod of floats needs fmod=1")
+            if a == F32 and not fmod and node.opset < 28:
+                raise Unsupported("Mod of floats needs fmod=1 before opset 28")
             ints = [1 if fmod else 0]
     lw.emit(OPCODES[_KERNEL[op]], [lw.input(node, 0), lw.input(node, 1)], [lw.output(node, 0)], ints=ints)
 

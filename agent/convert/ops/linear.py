@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
-
 import numpy as np
 
 from agent.convert.ir import Node
@@ -35,42 +33,28 @@ B_PACKED, B_ROWMAJOR, B_TRANSPOSED = 0, 1, 2
 ACT_NONE, ACT_CLAMP, ACT_LEAKY, ACT_EXTERNAL = 0, 1, 2, 3
 
 # node.attrs keys set by agent/convert/passes.py.
-FUSED_ACTIVATION = "_fused_activation"  # (op_type, alpha, beta)
+FUSED_ACTIVATION = "_fused_activation"  # (kind, alpha, beta): unary.activation_spec
 FUSED_BIAS = "_fused_bias"  # float32 array added to the output, broadcast along its last axis
 FUSED_RESIDUAL = "_fused_residual"  # True: input 3 (appended) has the output's shape, added before the activation
 
 
-def external_activation_kinds() -> dict[str, int]:
-    """Activations ea_activation_f32 (ops_unary.c) implements, by ONNX op type."""
-    from agent.convert.ops import unary
+def activation_epilogue(fused: tuple[int, float, float] | None) -> tuple[list[int], list[float]]:
+    """The epilogue attributes (ints: mode, kind; floats: lo, hi, slope, alpha, beta) of a fused
+    activation ``(kind, alpha, beta)``: ea_activation_f32's kinds (agent/convert/ops/unary.py
+    ACTIVATION_KINDS). Relu, Clip and LeakyRelu run inline in the micro-kernel, the rest through
+    ea_activation_f32 on each finished block of rows."""
+    from agent.convert.ops.unary import ACTIVATION_KINDS
 
-    kinds: Any = getattr(unary, "ACTIVATION_KINDS", {})
-    return {str(k): int(v) for k, v in dict(kinds).items()}
-
-
-def activation_epilogue(fused: tuple[str, float, float] | None) -> tuple[list[int], list[float]]:
-    """The epilogue attributes (ints: mode, kind; floats: lo, hi, slope, alpha, beta) of a fused activation."""
     if fused is None:
         return [ACT_NONE, 0], [0.0, 0.0, 0.0, 0.0, 0.0]
-    op_type, alpha, beta = fused
-    if op_type == "Relu":
+    kind, alpha, beta = int(fused[0]), float(fused[1]), float(fused[2])
+    if kind == ACTIVATION_KINDS["Relu"]:
         return [ACT_CLAMP, 0], [0.0, math.inf, 0.0, 0.0, 0.0]
-    if op_type == "Clip":
-        return [ACT_CLAMP, 0], [float(alpha), float(beta), 0.0, 0.0, 0.0]
-    if op_type == "LeakyRelu" and 0.0 <= alpha <= 1.0:
-        return [ACT_LEAKY, 0], [0.0, 0.0, float(alpha), 0.0, 0.0]
-    kinds = external_activation_kinds()
-    if op_type not in kinds:
-        raise Unsupported(f"fused activation {op_type} has no kernel")
-    return [ACT_EXTERNAL, kinds[op_type]], [0.0, 0.0, 0.0, float(alpha), float(beta)]
-
-
-def can_fuse_activation(op_type: str, alpha: float) -> bool:
-    if op_type in ("Relu", "Clip"):
-        return True
-    if op_type == "LeakyRelu" and 0.0 <= alpha <= 1.0:
-        return True
-    return op_type in external_activation_kinds()
+    if kind == ACTIVATION_KINDS["Clip"]:
+        return [ACT_CLAMP, 0], [alpha, beta, 0.0, 0.0, 0.0]
+    if kind == ACTIVATION_KINDS["LeakyRelu"] and 0.0 <= alpha <= 1.0:
+        return [ACT_LEAKY, 0], [0.0, 0.0, alpha, 0.0, 0.0]
+    return [ACT_EXTERNAL, kind], [0.0, 0.0, 0.0, alpha, beta]
 
 
 def pack_b(b: np.ndarray) -> np.ndarray:

@@ -134,6 +134,74 @@ def _ints(node: Node, name: str) -> np.ndarray:
     return np.asarray([] if value is None else value, dtype=np.int64).reshape(-1)
 
 
+# -- before analysis ------------------------------------------------------------------------
+
+
+def early_problem(node: Node) -> str | None:
+    """Why an ai.onnx.ml node can never be converted, said before onnxruntime runs the model
+    (agent/convert/analyze.py): afterwards its map or string outputs would only be named by type."""
+    if node.op_type == "ZipMap":
+        return ZIPMAP_HINT
+    if node.attr("classlabels_strings"):
+        return STRING_LABELS
+    return None
+
+
+def rewrite_model(model: Any) -> Any:
+    """ONNX-level rewrites that analysis needs (agent/convert/analyze.py calls it first); ``model`` is not changed.
+
+    ArrayFeatureExtractor on a one-dimensional X gives a [1, k] result: with indices that carry the
+    batch (MLPClassifier's label, ``classes[argmax]``), the batch would sit in dimension 1. When
+    that result is only reshaped, Gather(X, indices) (the indices' shape, batch first, same
+    values in the same order) replaces it, and the Reshapes after it give what they gave before.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    consts: dict[str, np.ndarray] = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for proto in graph.node:
+        if proto.op_type == "Constant" and proto.domain in ("", "ai.onnx") and proto.output:
+            for attr in proto.attribute:
+                if attr.name == "value":
+                    consts[proto.output[0]] = numpy_helper.to_array(attr.t)
+    outputs = {o.name for o in graph.output}
+    targets = []
+    for k, proto in enumerate(graph.node):
+        if proto.domain != ML or proto.op_type != "ArrayFeatureExtractor" or len(proto.input) < 2:
+            continue
+        x = consts.get(proto.input[0])
+        result = proto.output[0] if proto.output else ""
+        if x is None or x.ndim != 1 or not result or result in outputs:
+            continue
+        users = [n for n in graph.node if result in n.input]
+        if users and all(_plain_reshape(n, result, consts) for n in users):
+            targets.append(k)
+    if not targets:
+        return model
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    for k in targets:
+        old = rewritten.graph.node[k]
+        gather = onnx.helper.make_node("Gather", [old.input[0], old.input[1]], [old.output[0]], name=old.name, axis=0)
+        rewritten.graph.node[k].CopyFrom(gather)
+        stale = [vi for vi in rewritten.graph.value_info if vi.name == old.output[0]]
+        for vi in stale:
+            rewritten.graph.value_info.remove(vi)
+    return rewritten
+
+
+def _plain_reshape(proto: Any, name: str, consts: dict[str, np.ndarray]) -> bool:
+    """A Reshape of ``name`` to a constant shape that does not copy dimensions of its input (no 0)."""
+    if proto.op_type != "Reshape" or proto.domain not in ("", "ai.onnx") or len(proto.input) < 2:
+        return False
+    if proto.input[0] != name or name in proto.input[1:]:
+        return False
+    shape = consts.get(proto.input[1])
+    allowzero = any(a.name == "allowzero" and a.i for a in proto.attribute)
+    return shape is not None and (allowzero or not bool(np.any(np.asarray(shape) == 0)))
+
+
 # -- ZipMap -----------------------------------------------------------------------------
 
 
@@ -435,11 +503,11 @@ def _encode_forest(forest: Forest, n_features: int, n_outputs: int, single: bool
     for i in splits.tolist():
         tree = int(forest.treeids[i])
         pair = []
-        for which, ids in (("true", forest.truenodeids), ("false", forest.falsenodeids)):
-            child = index.get((tree, int(ids[i])))
+        for which, child_ids in (("true", forest.truenodeids), ("false", forest.falsenodeids)):
+            child = index.get((tree, int(child_ids[i])))
             if child is None:
                 raise Unsupported(
-                    f"node {int(forest.nodeids[i])} of tree {tree}: its {which} child {int(ids[i])} does not exist"
+                    f"node {int(forest.nodeids[i])} of tree {tree}: {which} child {int(child_ids[i])} does not exist"
                 )
             if child == i:
                 raise Unsupported(f"node {int(forest.nodeids[i])} of tree {tree} is its own child")
@@ -555,6 +623,11 @@ def _check_acyclic(roots: list[int], splits: np.ndarray, children: list[tuple[in
                 stack.append((child, 0))
 
 
+def _feature_limit(node: Node, lw: Lowerer, features: int) -> int:
+    """How many features a tree may read: onnxruntime counts one for a rank-1 input (one row)."""
+    return 1 if len(lw.value(node.inputs[0]).shape) == 1 else features
+
+
 def _tree_inputs(lw: Lowerer, node: Node, enc: Encoded) -> list[int]:
     name = node.name
     return [
@@ -593,7 +666,7 @@ def _emit_regressor(
     node: Node, lw: Lowerer, forest: Forest, features: int, targets: int, aggregate: int, post: int, base: np.ndarray
 ) -> None:
     single = targets == 1
-    enc = _encode_forest(forest, features, targets, single)
+    enc = _encode_forest(forest, _feature_limit(node, lw, features), targets, single)
     if single:
         # onnxruntime's one-target path: base_values count only when there is exactly one.
         mode = TREE_REGRESSOR_1
@@ -625,7 +698,7 @@ def lower_tree_classifier(node: Node, lw: Lowerer) -> None:
     if classes < 2:
         raise Unsupported(f"{classes} class label(s); at least 2 are needed")
     forest = _forest_from_attrs(node, "class", "class_ids")
-    enc = _encode_forest(forest, features, classes, single=False)
+    enc = _encode_forest(forest, _feature_limit(node, lw, features), classes, single=False)
     base = _floats(node, "base_values")
     base = np.zeros(0, np.float32) if base is None else base
     if classes > 2 and base.size > classes:

@@ -16,6 +16,7 @@ import numpy as np
 from agent.convert.ir import Node
 from agent.convert.lower import Lowerer, Unsupported
 from agent.convert.ops import FAMILY_BASE, lowering
+from agent.convert.ops.linear import MR, pack_a
 
 BASE = FAMILY_BASE["conv"] + 32
 POOL = BASE + 0
@@ -87,10 +88,7 @@ def lower_pool(node: Node, lw: Lowerer) -> None:
         total = [
             max(0, (o - 1) * si + (ki - 1) * di + 1 - i) for o, si, ki, di, i in zip(outs, s, k, d, ins, strict=True)
         ]
-        if mode == "SAME_UPPER":
-            pb = [t // 2 for t in total]
-        else:
-            pb = [t - t // 2 for t in total]
+        pb = [t // 2 if mode == "SAME_UPPER" else t - t // 2 for t in total]
         pe = [t - b for t, b in zip(total, pb, strict=True)]
     include_pad = int(node.attr("count_include_pad", 0) or 0) if kind == KIND_AVG else 0
     p = float(node.attr("p", 2)) if kind == KIND_LP else 2.0
@@ -204,19 +202,23 @@ def lower_conv_transpose(node: Node, lw: Lowerer) -> None:
     w = lw.const_input(node, 1)
     raw = w is None
     if w is not None:
-        # (Cin, Cout_g, k...) -> (G, Cout_g * kvol, Cin_g): the GEMM's left operand per group.
-        packed = w.astype(np.float32).reshape(group, cin_g, cout_g * kvol).transpose(0, 2, 1).copy()
-        weight = lw.const(packed, f"{node.name or node.outputs[0]}.packed")
+        # Per group, per block of co_blk output channels: the rows (co, k...) x Cin_g of the GEMM's
+        # left operand, in ea_gemm's A panels.
+        a = w.astype(np.float32).reshape(group, cin_g, cout_g * kvol).transpose(0, 2, 1)
+        blocks = [
+            pack_a(a[g, c0 * kvol : (c0 + co_blk) * kvol]) for g in range(group) for c0 in range(0, cout_g, co_blk)
+        ]
+        weight = lw.const(np.concatenate([b.reshape(-1) for b in blocks]), f"{node.name or node.outputs[0]}.packed")
     else:
-        weight = lw.input(node, 1)  # packed by the kernel at each run
+        weight = lw.input(node, 1)  # packed block by block at each run
     inputs = [lw.input(node, 0), weight]
     if lw.has_input(node, 2):
         b = lw.value(node.inputs[2])
-        if b.dtype != np.float32 or int(np.prod(b.shape)) != cout:
+        if b.dtype != np.float32 or b.batched or int(np.prod(b.shape)) != cout:
             raise Unsupported(f"bias of shape {b.shape}: {cout} float32 values expected")
         inputs.append(lw.input(node, 2))
     k3 = _pad3(k, 1)
-    w_bytes = 4 * cin * cout_g * kvol + 16 if raw else 0
+    w_bytes = 4 * (-(-co_blk * kvol // MR) * MR) * cin_g + 16 if raw else 0
     lw.scratch(fixed=w_bytes + co_blk * kvol * s_in * 4 + 8 * k3[2] + 64)
     ints = [group, *k3, *_pad3(s, 1), *_pad3(d, 1), *_pad3(pb, 0), co_blk, int(raw)]
     lw.emit(CONV_TRANSPOSE, inputs, [lw.output(node, 0)], ints=ints)

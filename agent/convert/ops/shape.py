@@ -102,13 +102,6 @@ def _emit_axmap(
             modes.append(offset)
             pieces.append(np.asarray(m, dtype=np.int32))
             offset += len(m)
-    last = maps[-1] if maps else None
-    contiguous = int(
-        isinstance(last, np.ndarray)
-        and len(last) > 0
-        and bool(np.all(last == last[0] + np.arange(len(last))))
-        and last[0] >= 0
-    )
     inputs = [lw.input(node, 0)]
     if pieces:
         inputs.append(lw.const(np.concatenate(pieces), f"{node.name}.maps"))
@@ -116,7 +109,7 @@ def _emit_axmap(
         inputs.append(-1)
     if fill is not None:
         inputs.append(lw.const(np.asarray(fill, dtype=out.dtype).reshape(1), f"{node.name}.fill"))
-    lw.emit(AXMAP, inputs, [lw.output(node, out_index)], ints=[contiguous, *modes])
+    lw.emit(AXMAP, inputs, [lw.output(node, out_index)], ints=modes)
 
 
 def _identity_map(m: AxisMap, extent_in: int) -> bool:
@@ -524,8 +517,14 @@ def _original_coordinates(mode: str, out_len: int, in_len: int, scale: np.float3
         return (x + half) / scale - half  # half_pixel
 
 
-def _nearest(coords: np.ndarray, mode: str, downsample: bool) -> np.ndarray:
+def _nearest(coords: np.ndarray, mode: str, downsample: bool, snap: bool = False) -> np.ndarray:
     c = coords.astype(F32)
+    if snap:
+        # onnxruntime's asymmetric and tf_half_pixel_for_nn coordinates land exactly on the halves
+        # and integers that the exact arithmetic gives (x * in / out), where float32 division can
+        # miss by an ulp (2 / float32(4/7) = 3.4999998): snap such near misses.
+        grid = (np.floor(c.astype(np.float64) * 2 + 0.5) / 2).astype(F32)
+        c = np.where(np.abs(c - grid) <= 2 * np.spacing(np.abs(c)), grid, c).astype(F32)
     if mode == "simple":  # Resize-10 and Upsample
         return np.ceil(c).astype(np.int64) if downsample else np.trunc(c).astype(np.int64)
     if mode == "round_prefer_ceil":
@@ -599,8 +598,8 @@ def _resize_scales(node: Node, lw: Lowerer, x: Value, out: Value) -> tuple[list[
     else:
         raise Unsupported("sizes (input 3) must be known at build time, it is computed")
     scales = [F32(1)] * rank
-    for a, s in zip(axes, sizes, strict=True):
-        scales[a] = F32(1) if x.shape[a] == 0 else F32(F32(s) / F32(x.shape[a]))
+    for a, size in zip(axes, sizes, strict=True):
+        scales[a] = F32(1) if x.shape[a] == 0 else F32(F32(size) / F32(x.shape[a]))
     if policy != "stretch":
         chosen = [scales[a] for a in axes]
         common = min(chosen) if policy == "not_larger" else max(chosen)
@@ -655,7 +654,8 @@ def lower_resize(node: Node, lw: Lowerer) -> None:
             if entry is None:
                 maps.append(None)
                 continue
-            pixels = _nearest(entry[1], nearest_mode, bool(scales[axis] < 1))
+            snap = coord_mode in ("asymmetric", "tf_half_pixel_for_nn") and not legacy
+            pixels = _nearest(entry[1], nearest_mode, bool(scales[axis] < 1), snap)
             maps.append(np.clip(pixels, 0, x.shape[axis] - 1))
         _emit_axmap(node, lw, _simplify(maps, x))
         return

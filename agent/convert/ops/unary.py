@@ -22,11 +22,51 @@ from agent.convert.ops import FAMILY_BASE, lowering
 
 BASE = FAMILY_BASE["unary"]
 # The U_* enum of ops_unary.c, in order.
-_NAMES = (
-    "sqrt exp log neg abs clip relu leaky_relu elu selu sigmoid hard_sigmoid hard_swish tanh erf gelu gelu_tanh "
-    "reciprocal floor ceil not softplus softsign sign round isnan isinf celu thresholded_relu shrink mish "
-    "sin cos tan asin acos atan sinh cosh asinh acosh atanh bitwise_not"
-).split()
+_NAMES = [
+    "sqrt",
+    "exp",
+    "log",
+    "neg",
+    "abs",
+    "clip",
+    "relu",
+    "leaky_relu",
+    "elu",
+    "selu",
+    "sigmoid",
+    "hard_sigmoid",
+    "hard_swish",
+    "tanh",
+    "erf",
+    "gelu",
+    "gelu_tanh",
+    "reciprocal",
+    "floor",
+    "ceil",
+    "not",
+    "softplus",
+    "softsign",
+    "sign",
+    "round",
+    "isnan",
+    "isinf",
+    "celu",
+    "thresholded_relu",
+    "shrink",
+    "mish",
+    "sin",
+    "cos",
+    "tan",
+    "asin",
+    "acos",
+    "atan",
+    "sinh",
+    "cosh",
+    "asinh",
+    "acosh",
+    "atanh",
+    "bitwise_not",
+]
 OPCODES: dict[str, int] = {name: BASE + index for index, name in enumerate(_NAMES)}
 
 # ea_activation_f32's kinds (native/onnx/ea_vmath.h EA_ACT_*), by ONNX op type. Gelu is its exact
@@ -88,6 +128,17 @@ _PLAIN = {
     "Atanh": "atanh",
     "BitwiseNot": "bitwise_not",
 }
+# ONNX op -> kernel name, for the float ops with parameters (fattr[0], fattr[1]: see _float_params).
+_WITH_PARAMS = {
+    "Clip": "clip",
+    "LeakyRelu": "leaky_relu",
+    "Elu": "elu",
+    "Selu": "selu",
+    "HardSigmoid": "hard_sigmoid",
+    "Celu": "celu",
+    "ThresholdedRelu": "thresholded_relu",
+    "Shrink": "shrink",
+}
 # Element types beyond float32 that an op accepts (the kernel has a loop for them).
 _INT_FORMS: dict[str, set[np.dtype]] = {
     "Neg": SIGNED_INTS,
@@ -121,8 +172,11 @@ def _float_params(node: Node, const_of: Callable[[int], np.ndarray | None]) -> t
 
 
 def _clip_bounds(
-    node: Node, const_of: Callable[[int], np.ndarray | None], dtype: np.dtype
+    node: Node, const_of: Callable[[int], np.ndarray | None], dtype: np.dtype, runtime_ok: bool = False
 ) -> tuple[float | int, float | int]:
+    """Clip's bounds (the type's extremes when absent). A bound computed at run time raises
+    Unsupported unless ``runtime_ok`` (then the kernel reads it from its input: its value here
+    is the extreme)."""
     if dtype == F32:
         lowest, highest = -FLT_MAX, FLT_MAX
     else:
@@ -133,12 +187,12 @@ def _clip_bounds(
     bounds: list[float | int] = []
     for index, (what, default) in enumerate((("min", lowest), ("max", highest)), start=1):
         present = index < len(node.inputs) and node.inputs[index] != ""
-        if not present:
+        value = const_of(index) if present else None
+        if value is None:
+            if present and not runtime_ok:
+                raise Unsupported(f"Clip {what} (input {index}) must be known at build time, it is computed")
             bounds.append(default)
             continue
-        value = const_of(index)
-        if value is None:
-            raise Unsupported(f"Clip {what} (input {index}) must be known at build time, it is computed")
         array = np.asarray(value)
         if array.size != 1:
             raise Unsupported(f"Clip {what} (input {index}) must be a scalar, it has shape {list(array.shape)}")
@@ -179,9 +233,27 @@ def _check_types(node: Node, lw: Lowerer, allowed: set[np.dtype]) -> np.dtype:
     return dtype
 
 
-@lowering(*_PLAIN, "Clip", "LeakyRelu", "Elu", "Selu", "HardSigmoid", "Celu", "ThresholdedRelu", "Shrink")
+def _clip_runtime_inputs(node: Node, lw: Lowerer) -> list[int]:
+    """Clip (opset 11+) bounds computed at run time: scalar tensors the kernel reads (-1: constant or absent)."""
+    ids = [-1, -1]
+    if node.op_type != "Clip" or node.opset < 11:
+        return ids
+    for index in (1, 2):
+        if lw.has_input(node, index) and lw.const_input(node, index) is None:
+            value = lw.value(node.inputs[index])
+            if value.batched or int(np.prod(value.shape, dtype=np.int64)) != 1:
+                raise Unsupported(f"Clip bound (input {index}) must be a scalar, it has shape {list(value.shape)}")
+            if value.dtype != lw.value(node.inputs[0]).dtype:
+                raise Unsupported(f"Clip bound (input {index}) has element type {value.dtype}, unlike the input")
+            ids[index - 1] = lw.input(node, index)
+    return ids
+
+
+@lowering(*_PLAIN, *_WITH_PARAMS)
 def lower_unary(node: Node, lw: Lowerer) -> None:
     op = node.op_type
+    bounds = _clip_runtime_inputs(node, lw)
+    inputs = [lw.input(node, 0)] + (bounds if bounds != [-1, -1] else [])
     if op == "Not":
         _check_types(node, lw, {BOOL})
     else:
@@ -191,28 +263,19 @@ def lower_unary(node: Node, lw: Lowerer) -> None:
         if dtype != F32:
             ints: list[int] = []
             if op == "Clip":
-                lo, hi = _clip_bounds(node, lambda i: lw.const_input(node, i), dtype)
+                lo, hi = _clip_bounds(node, lambda i: lw.const_input(node, i), dtype, runtime_ok=True)
                 for bound in (int(lo), int(hi)):
                     word = bound & 0xFFFFFFFFFFFFFFFF
                     ints += [_signed32(word & 0xFFFFFFFF), _signed32(word >> 32)]
-            lw.emit(OPCODES[_PLAIN.get(op, "clip")], [lw.input(node, 0)], [lw.output(node, 0)], ints=ints)
+            lw.emit(OPCODES[_PLAIN.get(op, "clip")], inputs, [lw.output(node, 0)], ints=ints)
             return
-    name = (
-        _PLAIN.get(op)
-        or {
-            "Clip": "clip",
-            "LeakyRelu": "leaky_relu",
-            "Elu": "elu",
-            "Selu": "selu",
-            "HardSigmoid": "hard_sigmoid",
-            "Celu": "celu",
-            "ThresholdedRelu": "thresholded_relu",
-            "Shrink": "shrink",
-        }[op]
-    )
-    alpha, beta = _float_params(node, lambda i: lw.const_input(node, i))
+    name = _PLAIN.get(op) or _WITH_PARAMS[op]
+    if op == "Clip":
+        alpha, beta = (float(b) for b in _clip_bounds(node, lambda i: lw.const_input(node, i), F32, runtime_ok=True))
+    else:
+        alpha, beta = _float_params(node, lambda i: lw.const_input(node, i))
     floats = [] if op in _PLAIN else [alpha, beta]
-    lw.emit(OPCODES[name], [lw.input(node, 0)], [lw.output(node, 0)], floats=floats)
+    lw.emit(OPCODES[name], inputs, [lw.output(node, 0)], floats=floats)
 
 
 @lowering("IsInf")
