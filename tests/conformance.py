@@ -28,6 +28,17 @@ from agent.errors import ConversionRefused
 ROOT_TEST_PREFIX = "test_"
 
 
+# Cases where ONNX's reference output and onnxruntime's disagree, and the converter follows
+# onnxruntime (the build's golden outputs and self-check come from it). Each is an expected
+# failure here: if it ever passes, the entry goes.
+FOLLOWS_ONNXRUNTIME = {
+    "test_resize_downsample_scales_linear_align_corners": (
+        "align_corners with a scale: onnxruntime maps coordinates with the integer output size "
+        "(x * (in - 1) / (out - 1)), the reference with the scale; both readings exist in the wild"
+    ),
+}
+
+
 @dataclass
 class Case:
     name: str
@@ -98,10 +109,17 @@ def report() -> dict[str, dict[str, Any]]:
         try:
             run_case(case)
             row["pass"] += 1
+            if case.name in FOLLOWS_ONNXRUNTIME:
+                row["reasons"][f"{case.name}: passes now: drop it from FOLLOWS_ONNXRUNTIME"] += 1
         except ConversionRefused as exc:
             row["skip"] += 1
             reason = exc.problems[0] if exc.problems else str(exc).splitlines()[0]
             row["reasons"][f"{case.name}: {reason}"] += 1
+        except AssertionError:
+            if case.name not in FOLLOWS_ONNXRUNTIME:
+                raise
+            row["follows onnxruntime"] = row.get("follows onnxruntime", 0) + 1
+            row["reasons"][f"{case.name}: follows onnxruntime: {FOLLOWS_ONNXRUNTIME[case.name]}"] += 1
         except Exception as exc:  # noqa: BLE001 - a report lists every failure
             row["fail"] += 1
             row["reasons"][f"{case.name}: FAIL {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"] += 1

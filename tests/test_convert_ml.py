@@ -80,7 +80,7 @@ def check_ml(
 def refusal(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], *, batch: bool = False) -> str:
     with pytest.raises(ConversionRefused) as info:
         convert_model(model, feed, batch=batch)
-    return str(info.value) + " " + " ".join(getattr(info.value, "details", None) or [])
+    return str(info.value) + " " + " ".join(getattr(info.value, "problems", None) or [])
 
 
 def grid_inputs(shape: tuple[int, ...], seed: int, nan: float = 0.0) -> np.ndarray:
@@ -223,8 +223,10 @@ def test_linear_classifier_refusals() -> None:
     x = rng.standard_normal((2, 3)).astype(np.float32)
     attrs = linear_attrs(rng, 2, 3) | {"classlabels_strings": ["cat", "dog"]}
     model = ml_model("LinearClassifier", {"x": x}, ["label", "scores"], attrs)
-    with pytest.raises(ConversionRefused):  # string outputs cannot be served (refused at analysis or lowering)
-        convert_model(model, {"x": x})
+    assert "string class labels" in refusal(model, {"x": x})
+    # Two labels, one score row and PROBIT: onnxruntime leaves half the scores unset.
+    attrs = linear_attrs(rng, 1, 3) | {"classlabels_ints": [0, 1], "post_transform": "PROBIT"}
+    assert "PROBIT" in refusal(ml_model("LinearClassifier", {"x": x}, ["label", "scores"], attrs), {"x": x})
 
 
 @pytest.mark.parametrize(
@@ -456,6 +458,38 @@ def test_tree_single_leaf_trees_and_batches() -> None:
     check_ml("TreeEnsembleRegressor", {"X": x[0]}, ["Y"], attrs)
 
 
+def test_tree_weight_quirks() -> None:
+    """Weights on split nodes are ignored; with one target only a leaf's first weight counts; weights are
+    summed in (tree, node) order whatever order they are listed in."""
+    attrs = regressor_attrs(48, 1, n_trees=3)
+    n = len(attrs["target_weights"])
+    order = np.random.default_rng(49).permutation(n)
+    for key in ("target_treeids", "target_nodeids", "target_ids", "target_weights"):
+        attrs[key] = [attrs[key][k] for k in order]
+    for k in range(n):  # a second weight on every leaf
+        for key, value in (
+            ("target_treeids", attrs["target_treeids"][k]),
+            ("target_nodeids", attrs["target_nodeids"][k]),
+        ):
+            attrs[key].append(value)
+        attrs["target_ids"].append(0)
+        attrs["target_weights"].append(100.0 + k)
+    split = attrs["nodes_modes"].index("BRANCH_LEQ")
+    for key, value in (
+        ("target_treeids", attrs["nodes_treeids"][split]),
+        ("target_nodeids", attrs["nodes_nodeids"][split]),
+    ):
+        attrs[key].append(value)
+    attrs["target_ids"].append(0)
+    attrs["target_weights"].append(1000.0)
+    x = grid_inputs((30, 5), 50)
+    check_ml("TreeEnsembleRegressor", {"X": x}, ["Y"], attrs)
+    # Two targets: every weight of a leaf counts.
+    attrs["n_targets"] = 2
+    attrs["target_ids"] = [k % 2 for k in range(len(attrs["target_ids"]))]
+    check_ml("TreeEnsembleRegressor", {"X": x}, ["Y"], attrs)
+
+
 @pytest.mark.parametrize("post", POSTS)
 @pytest.mark.parametrize("base", [False, True])
 def test_tree_classifier_multiclass(post: str, base: bool) -> None:
@@ -521,8 +555,9 @@ def test_tree_classifier_two_classes_probit() -> None:
 def test_tree_refusals() -> None:
     x = grid_inputs((2, 5), 70)
     attrs = random_forest(71, outputs=2, prefix="class") | {"classlabels_strings": ["a", "b"]}
-    with pytest.raises(ConversionRefused):  # string labels: refused at analysis or lowering
-        convert_model(ml_model("TreeEnsembleClassifier", {"X": x}, ["label", "scores"], attrs), {"X": x})
+    assert "string class labels" in refusal(
+        ml_model("TreeEnsembleClassifier", {"X": x}, ["label", "scores"], attrs), {"X": x}
+    )
     # A feature the input does not have.
     attrs = regressor_attrs(72, 1)
     attrs["nodes_featureids"] = [

@@ -16,8 +16,8 @@ import onnx
 import pytest
 from onnx import helper
 
-from agent.errors import ConversionRefused
-from tests.convert_testkit import NP_TO_ONNX, assert_matches, check_node, convert_model, node_model
+from agent.errors import ConversionRefused, ModelError
+from tests.convert_testkit import NP_TO_ONNX, assert_matches, check_node, convert_model, node_model, runner
 
 DTYPES = [np.float32, np.int64, np.int32, np.uint8, np.int8, np.bool_]
 INT64_MAX = np.iinfo(np.int64).max
@@ -250,6 +250,20 @@ def test_slice_ends_from_the_batch_size() -> None:
     assert_matches(_shape_model(nodes, x, ["y"]), {"x": x}, batch=True)
 
 
+def test_slice_ends_from_the_batch_size_cutting_the_batch_short() -> None:
+    # ends = Shape(x) - 1 on the batch axis: rows of the batch would be dropped.
+    x = rand((3, 6))
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        _const("one", i64(1)),
+        helper.make_node("Sub", ["shape", "one"], ["ends"]),
+        _const("starts", i64(0, 0)),
+        helper.make_node("Slice", ["x", "starts", "ends"], ["y"]),
+    ]
+    with pytest.raises(ConversionRefused):
+        convert_model(_shape_model(nodes, x, ["y"]), {"x": x}, batch=True)
+
+
 # -- Gather ----------------------------------------------------------------------
 
 
@@ -280,6 +294,16 @@ def test_gather_batched() -> None:
     # node_model lists graph inputs first; Gather wants (data, indices)
     model.graph.node[0].input[:] = ["table", "ids"]
     assert_matches(model, {"ids": ids}, batch=True)
+
+
+def test_gather_index_out_of_range_at_run_time() -> None:
+    x, idx = rand((4, 5)), i64(0, 2)
+    model = node_model("Gather", {"x": x, "i": idx}, attrs={"axis": 1})
+    converted = convert_model(model, {"x": x, "i": idx})
+    rows = {"x": x[None], "i": idx[None]}
+    assert runner().run(converted, rows)["y"].shape == (1, 4, 2)
+    with pytest.raises(ModelError, match="-4"):
+        runner().run(converted, {"x": x[None], "i": i64(1, 5)[None]})
 
 
 def test_gather_refusals() -> None:

@@ -16,6 +16,7 @@ import onnx
 from onnx.backend.base import Backend, BackendRep
 
 from agent.convert.build import Runner, convert
+from agent.convert.ir import ONNX_DTYPES
 
 # Graph inputs this small, that no node takes as its first (data) input, are the operands a
 # converted model fixes at build time: axes, K, a target shape, pads, clip bounds, scales.
@@ -37,6 +38,7 @@ def specialise(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[onn
         name
         for name, array in feed.items()
         if array.size <= SPECIALISE_MAX_ELEMENTS
+        and array.dtype in ONNX_DTYPES.values()
         and 0 not in data_positions.get(name, {0})
         and name not in {o.name for o in model.graph.output}
     }

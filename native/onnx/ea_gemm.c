@@ -3,11 +3,11 @@
  *
  * GotoBLAS/BLIS structure: the N, K and M dimensions are cut into blocks that
  * fit the caches (NC, KC, MC), and a register-blocked micro-kernel computes an
- * EA_MR x EA_NR tile of C in 2*EA_MR f32x4 accumulators over one K block. A
- * comes in packed panels (its EA_MR values for one k are adjacent: one splat
- * load each); B either in packed panels or straight from a row-major matrix
- * (one NR-wide row segment per k), so that a Conv's input or im2col buffer needs
- * no second copy.
+ * EA_MR x EA_NR (4 x 16) tile of C in f32x4 accumulators over one K block. A
+ * comes in packed panels (its EA_MR values for one k are adjacent: one load);
+ * B either in packed panels or straight from a row-major matrix (one row segment
+ * per k), so that a Conv's input or im2col buffer needs no second copy; the
+ * last columns of a row-major B go through 8- and 4-wide tiles.
  *
  * Multiply-add: relaxed SIMD's f32x4.relaxed_madd (fused on hardware with FMA).
  * clang 14 knows it only under its pre-standard name and opcode
@@ -27,129 +27,130 @@
 #define MADD(a, b, c) wasm_f32x4_add(wasm_f32x4_mul((a), (b)), (c))
 #endif
 
-#define NV (EA_NR / 4)
-#ifndef EA_UNROLL_ALL
-#define EA_UNROLL_ALL 0
-#endif
-#define KC 256
+#define KC EA_KC
 #define MC 128
 #define NC 512
 
 /* ea_activation_f32 (ops_unary.c) applies the activations the micro-kernel does not inline. */
 #include "ea_vmath.h"
 
-/* acc[r][0..NV) += a[r] * b[0..NV) for one k: a holds the EA_MR values of A for this k
-   (broadcast lane by lane: one load and a shuffle each, cheaper than a splat load per row
-   once compiled), b the NR values of B. */
-#define EA_STEP(acc, av, b)                                                                  \
+#if EA_MR != 4 || EA_NR != 16
+#error "the micro-kernel is written for a 4 x 16 tile"
+#endif
+
+/* acc[r][0..W) += a[r] * b[0..4W) for one k: av holds the 4 values of A for this k (broadcast
+   lane by lane: one load and a shuffle each, cheaper than a splat load per row once compiled),
+   b the 4W values of B. */
+#define EA_STEP(av, b)                                                                       \
   do {                                                                                       \
-    v128_t b_[NV];                                                                           \
-    for (int v = 0; v < NV; v++) b_[v] = wasm_v128_load((b) + 4 * v);                        \
+    v128_t b_[4];                                                                            \
+    for (int v = 0; v < W; v++) b_[v] = wasm_v128_load((b) + 4 * v);                         \
     if (R > 0) {                                                                             \
       v128_t s_ = wasm_i32x4_shuffle(av, av, 0, 0, 0, 0);                                    \
-      for (int v = 0; v < NV; v++) acc[0][v] = MADD(s_, b_[v], acc[0][v]);                   \
+      for (int v = 0; v < W; v++) acc[0][v] = MADD(s_, b_[v], acc[0][v]);                    \
     }                                                                                        \
     if (R > 1) {                                                                             \
       v128_t s_ = wasm_i32x4_shuffle(av, av, 1, 1, 1, 1);                                    \
-      for (int v = 0; v < NV; v++) acc[1][v] = MADD(s_, b_[v], acc[1][v]);                   \
+      for (int v = 0; v < W; v++) acc[1][v] = MADD(s_, b_[v], acc[1][v]);                    \
     }                                                                                        \
     if (R > 2) {                                                                             \
       v128_t s_ = wasm_i32x4_shuffle(av, av, 2, 2, 2, 2);                                    \
-      for (int v = 0; v < NV; v++) acc[2][v] = MADD(s_, b_[v], acc[2][v]);                   \
+      for (int v = 0; v < W; v++) acc[2][v] = MADD(s_, b_[v], acc[2][v]);                    \
     }                                                                                        \
     if (R > 3) {                                                                             \
       v128_t s_ = wasm_i32x4_shuffle(av, av, 3, 3, 3, 3);                                    \
-      for (int v = 0; v < NV; v++) acc[3][v] = MADD(s_, b_[v], acc[3][v]);                   \
+      for (int v = 0; v < W; v++) acc[3][v] = MADD(s_, b_[v], acc[3][v]);                    \
     }                                                                                        \
   } while (0)
 
-#if EA_MR != 4
-#error "the micro-kernel is written for EA_MR == 4"
-#endif
-
-/* One R x NR tile over kc values of k: c = act(alpha * a.b + src + bias_r + bias_c), each of
-   src, bias_r, bias_c optional (NULL). R is a constant at every call site, so the accumulators
-   live in registers. Tiles of one or two rows use a second set of accumulators for odd k, so
-   that more FMA chains are in flight. */
-static inline __attribute__((always_inline)) void tile(const int R, int32_t kc, const float *restrict a,
+/*
+ * One R x 4W tile over kc values of k: c = act(alpha * a.b + src + bias_r + bias_c), each of
+ * src, bias_r, bias_c optional (NULL). R (rows, 1..4) and W (f32x4 columns, 1, 2 or 4) are
+ * constants at every call site, so the accumulators are SSA values.
+ *
+ * Tuned for what wasmtime (Cranelift) makes of it, measured: the k loop is unrolled by two,
+ * not more. Cranelift schedules pure operations (shuffles, multiply-adds) by demand from the
+ * loop's back edge, one accumulator chain after the other, so deeper unrolling keeps every
+ * loaded operand of the body alive at once and spills; and with epoch interruption on, the
+ * accumulators go through the stack at every loop head (the epoch check's slow path is a
+ * call), which a 2-deep body and a 4 x 16 tile amortise best.
+ */
+static inline __attribute__((always_inline)) void tile(const int R, const int W, int32_t kc, const float *restrict a,
                                                         const float *restrict b, int32_t ldb, float *c, int32_t ldc,
                                                         const float *src, int32_t lds, const float *bias_r,
                                                         const float *bias_c, float alpha, const ea_act_t *act,
                                                         int last) {
-  v128_t acc[2][EA_MR][NV];
-  for (int u = 0; u < 2; u++)
-    for (int r = 0; r < EA_MR; r++)
-      for (int v = 0; v < NV; v++) acc[u][r][v] = wasm_f32x4_const_splat(0.0f);
+  v128_t acc[4][4];
+  for (int r = 0; r < R; r++)
+    for (int v = 0; v < W; v++) acc[r][v] = wasm_f32x4_const_splat(0.0f);
   int32_t k = 0;
-  if (R <= 2 || EA_UNROLL_ALL) {
-    for (; k + 2 <= kc; k += 2) {
-      v128_t a0 = wasm_v128_load(a), a1 = wasm_v128_load(a + EA_MR);
-      EA_STEP(acc[0], a0, b);
-      if (R <= 2) EA_STEP(acc[1], a1, b + ldb);
-      else EA_STEP(acc[0], a1, b + ldb);
-      a += 2 * EA_MR;
-      b += 2 * ldb;
-    }
+  for (; k + 2 <= kc; k += 2) {
+    v128_t a0 = wasm_v128_load(a), a1 = wasm_v128_load(a + 4);
+    EA_STEP(a0, b);
+    EA_STEP(a1, b + ldb);
+    a += 8;
+    b += 2 * ldb;
   }
-  /* Wider tiles: one k per iteration (unrolling makes the compiler hoist every load of the
-     body and spill accumulators: 16 vector registers on x86-64). */
-  for (; k < kc; k++) {
+  if (k < kc) {
     v128_t a0 = wasm_v128_load(a);
-    EA_STEP(acc[0], a0, b);
-    a += EA_MR;
-    b += ldb;
+    EA_STEP(a0, b);
   }
-  if (R <= 2)
-    for (int r = 0; r < R; r++)
-      for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_add(acc[0][r][v], acc[1][r][v]);
   if (alpha != 1.0f) {
     v128_t s = wasm_f32x4_splat(alpha);
     for (int r = 0; r < R; r++)
-      for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_mul(acc[0][r][v], s);
+      for (int v = 0; v < W; v++) acc[r][v] = wasm_f32x4_mul(acc[r][v], s);
   }
   if (src)
     for (int r = 0; r < R; r++)
-      for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_add(acc[0][r][v], wasm_v128_load(src + r * lds + 4 * v));
+      for (int v = 0; v < W; v++) acc[r][v] = wasm_f32x4_add(acc[r][v], wasm_v128_load(src + r * lds + 4 * v));
   if (bias_r)
     for (int r = 0; r < R; r++) {
       v128_t s = wasm_v128_load32_splat(bias_r + r);
-      for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_add(acc[0][r][v], s);
+      for (int v = 0; v < W; v++) acc[r][v] = wasm_f32x4_add(acc[r][v], s);
     }
   if (bias_c)
-    for (int v = 0; v < NV; v++) {
+    for (int v = 0; v < W; v++) {
       v128_t s = wasm_v128_load(bias_c + 4 * v);
-      for (int r = 0; r < R; r++) acc[0][r][v] = wasm_f32x4_add(acc[0][r][v], s);
+      for (int r = 0; r < R; r++) acc[r][v] = wasm_f32x4_add(acc[r][v], s);
     }
   if (last) {
     if (act->mode == EA_EPI_CLAMP) {
       v128_t lo = wasm_f32x4_splat(act->lo), hi = wasm_f32x4_splat(act->hi);
       for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_pmin(wasm_f32x4_pmax(acc[0][r][v], lo), hi);
+        for (int v = 0; v < W; v++) acc[r][v] = wasm_f32x4_pmin(wasm_f32x4_pmax(acc[r][v], lo), hi);
     } else if (act->mode == EA_EPI_LEAKY) {
       v128_t s = wasm_f32x4_splat(act->slope);
       for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) acc[0][r][v] = wasm_f32x4_pmax(wasm_f32x4_mul(acc[0][r][v], s), acc[0][r][v]);
+        for (int v = 0; v < W; v++) acc[r][v] = wasm_f32x4_pmax(wasm_f32x4_mul(acc[r][v], s), acc[r][v]);
     }
   }
   for (int r = 0; r < R; r++)
-    for (int v = 0; v < NV; v++) wasm_v128_store(c + r * ldc + 4 * v, acc[0][r][v]);
+    for (int v = 0; v < W; v++) wasm_v128_store(c + r * ldc + 4 * v, acc[r][v]);
 }
 
-static void tile_any(int32_t rows, int32_t kc, const float *a, const float *b, int32_t ldb, float *c, int32_t ldc,
-                     const float *src, int32_t lds, const float *bias_r, const float *bias_c, float alpha,
+static void tile_any(int32_t rows, int W, int32_t kc, const float *a, const float *b, int32_t ldb, float *c,
+                     int32_t ldc, const float *src, int32_t lds, const float *bias_r, const float *bias_c, float alpha,
                      const ea_act_t *act, int last) {
-#define EA_TILE(R) tile(R, kc, a, b, ldb, c, ldc, src, lds, bias_r, bias_c, alpha, act, last)
-  switch (rows) {
-  case 1: EA_TILE(1); break;
-  case 2: EA_TILE(2); break;
-  case 3: EA_TILE(3); break;
-  default: EA_TILE(4); break;
+#define EA_TILE(R, W) tile(R, W, kc, a, b, ldb, c, ldc, src, lds, bias_r, bias_c, alpha, act, last)
+#define EA_TILES(W)                                                                          \
+  switch (rows) {                                                                            \
+  case 1: EA_TILE(1, W); break;                                                              \
+  case 2: EA_TILE(2, W); break;                                                              \
+  case 3: EA_TILE(3, W); break;                                                              \
+  default: EA_TILE(4, W); break;                                                             \
   }
+  switch (W) {
+  case 1: EA_TILES(1); break;
+  case 2: EA_TILES(2); break;
+  default: EA_TILES(4); break;
+  }
+#undef EA_TILES
 #undef EA_TILE
 }
 
-/* The partial last column panel of a row-major B, zero-padded to NR; and a C tile. */
-static float edge_b[KC * EA_NR] __attribute__((aligned(16)));
+/* The last columns of a row-major B (fewer than 4), zero-padded to 4; C and init tiles for
+   partial tiles. */
+static float edge_b[KC * 4] __attribute__((aligned(16)));
 static float edge_c[EA_MR * EA_NR] __attribute__((aligned(16)));
 static float edge_s[EA_MR * EA_NR] __attribute__((aligned(16)));
 
@@ -180,18 +181,21 @@ void ea_act_apply(const ea_act_t *act, float *x, int32_t n) {
 }
 
 void ea_gemm_pack_a(const float *src, int32_t M, int32_t K, int32_t rs, int32_t cs, float *dst) {
-  for (int32_t i0 = 0; i0 < M; i0 += EA_MR) {
-    int32_t rows = EA_MIN(EA_MR, M - i0);
-    float *d = dst + (size_t)i0 * K;
-    if (cs == 1 && rows == EA_MR) {
-      const float *s0 = src + (size_t)i0 * rs;
-      for (int32_t k = 0; k < K; k++)
-        for (int32_t r = 0; r < EA_MR; r++) d[k * EA_MR + r] = s0[(size_t)r * rs + k];
-      continue;
+  const int32_t Mp = (M + EA_MR - 1) / EA_MR * EA_MR;
+  for (int32_t k0 = 0; k0 < K; k0 += KC) {
+    const int32_t kc = EA_MIN(KC, K - k0);
+    for (int32_t i0 = 0; i0 < M; i0 += EA_MR) {
+      const int32_t rows = EA_MIN(EA_MR, M - i0);
+      float *d = dst + (size_t)k0 * Mp + (size_t)i0 * kc;
+      const float *s0 = src + (size_t)i0 * rs + (size_t)k0 * cs;
+      if (cs == 1 && rows == EA_MR) {
+        for (int32_t k = 0; k < kc; k++)
+          for (int32_t r = 0; r < EA_MR; r++) d[k * EA_MR + r] = s0[(size_t)r * rs + k];
+        continue;
+      }
+      for (int32_t k = 0; k < kc; k++)
+        for (int32_t r = 0; r < EA_MR; r++) d[k * EA_MR + r] = r < rows ? s0[(size_t)r * rs + (size_t)k * cs] : 0.0f;
     }
-    for (int32_t k = 0; k < K; k++)
-      for (int32_t r = 0; r < EA_MR; r++)
-        d[k * EA_MR + r] = r < rows ? src[(size_t)(i0 + r) * rs + (size_t)k * cs] : 0.0f;
   }
 }
 
@@ -209,38 +213,46 @@ int32_t ea_gemm(const ea_gemm_t *g) {
     }
     return EA_OK;
   }
+  const int32_t Mp = (M + EA_MR - 1) / EA_MR * EA_MR, Np = (N + EA_NR - 1) / EA_NR * EA_NR;
   for (int32_t jc = 0; jc < N; jc += NC) {
     int32_t nc = EA_MIN(NC, N - jc);
     for (int32_t pc = 0; pc < K; pc += KC) {
       int32_t kc = EA_MIN(KC, K - pc);
       int first = pc == 0, last = pc + kc == K;
-      int32_t jr_edge = nc - nc % EA_NR; /* start of the partial panel (== nc when none) */
-      if (!g->b_packed && jr_edge < nc) {
-        int32_t nv = nc - jr_edge;
-        const float *bsrc = g->b + (size_t)pc * g->ldb + jc + jr_edge;
+      /* A row-major B's last (< 4) columns: copied, zero-padded, once per K block. */
+      int32_t tail = g->b_packed ? 0 : nc % 4;
+      if (tail) {
+        const float *bsrc = g->b + (size_t)pc * g->ldb + jc + nc - tail;
         for (int32_t k = 0; k < kc; k++)
-          for (int32_t t = 0; t < EA_NR; t++) edge_b[k * EA_NR + t] = t < nv ? bsrc[(size_t)k * g->ldb + t] : 0.0f;
+          for (int32_t t = 0; t < 4; t++) edge_b[k * 4 + t] = t < tail ? bsrc[(size_t)k * g->ldb + t] : 0.0f;
       }
       for (int32_t ic = 0; ic < M; ic += MC) {
         int32_t mc = EA_MIN(MC, M - ic);
-        for (int32_t jr = 0; jr < nc; jr += EA_NR) {
-          int32_t j = jc + jr, nv = EA_MIN(EA_NR, nc - jr);
+        for (int32_t jr = 0; jr < nc;) {
+          /* The next column panel: its width (4W columns computed, nv of them kept) and where its B is. */
+          int32_t j = jc + jr, left = nc - jr, nv, ldb;
+          int W;
           const float *bp;
-          int32_t ldb;
           if (g->b_packed) {
-            bp = g->b + (size_t)(j / EA_NR) * K * EA_NR + (size_t)pc * EA_NR;
+            W = 4;
+            nv = EA_MIN(EA_NR, left);
+            bp = g->b + (size_t)pc * Np + (size_t)j * kc;
             ldb = EA_NR;
-          } else if (nv == EA_NR) {
+          } else if (left >= 4) {
+            W = left >= 16 ? 4 : left >= 8 ? 2 : 1;
+            nv = 4 * W;
             bp = g->b + (size_t)pc * g->ldb + j;
             ldb = g->ldb;
           } else {
+            W = 1;
+            nv = left;
             bp = edge_b;
-            ldb = EA_NR;
+            ldb = 4;
           }
           const float *bias_c = first && g->bias_col ? g->bias_col + j : 0;
           for (int32_t ir = 0; ir < mc; ir += EA_MR) {
             int32_t i = ic + ir, mv = EA_MIN(EA_MR, M - i);
-            const float *ap = g->a + (size_t)i * K + (size_t)pc * EA_MR;
+            const float *ap = g->a + (size_t)pc * Mp + (size_t)i * kc;
             const float *bias_r = first && g->bias_row ? g->bias_row + i : 0;
             float *cp = g->c + (size_t)i * g->ldc + j;
             const float *src = 0;
@@ -252,8 +264,8 @@ int32_t ea_gemm(const ea_gemm_t *g) {
               src = g->init + (size_t)i * g->ld_init + j;
               lds = g->ld_init;
             }
-            if (nv == EA_NR) {
-              tile_any(mv, kc, ap, bp, ldb, cp, g->ldc, src, lds, bias_r, bias_c, g->alpha, &g->act, last);
+            if (nv == 4 * W) {
+              tile_any(mv, W, kc, ap, bp, ldb, cp, g->ldc, src, lds, bias_r, bias_c, g->alpha, &g->act, last);
             } else {
               if (src) {
                 for (int32_t r = 0; r < mv; r++)
@@ -261,11 +273,12 @@ int32_t ea_gemm(const ea_gemm_t *g) {
                 src = edge_s;
                 lds = EA_NR;
               }
-              tile_any(mv, kc, ap, bp, ldb, edge_c, EA_NR, src, lds, bias_r, bias_c, g->alpha, &g->act, last);
+              tile_any(mv, W, kc, ap, bp, ldb, edge_c, EA_NR, src, lds, bias_r, bias_c, g->alpha, &g->act, last);
               for (int32_t r = 0; r < mv; r++)
                 for (int32_t t = 0; t < nv; t++) cp[(size_t)r * g->ldc + t] = edge_c[r * EA_NR + t];
             }
           }
+          jr += nv;
         }
         if (last && g->act.mode == EA_EPI_EXTERNAL)
           for (int32_t i = ic; i < ic + mc; i++) ea_act_apply(&g->act, g->c + (size_t)i * g->ldc + jc, nc);

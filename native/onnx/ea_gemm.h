@@ -4,14 +4,17 @@
  *
  *   C[M,N] = act(A[M,K] . B[K,N] + init)
  *
- * A is always in packed panels of EA_MR rows: panel p holds rows p*EA_MR.. as
- * [K][EA_MR] (zero rows past M). Constant operands are packed at build time by
- * agent/convert/ops/linear.py and conv.py (which know EA_MR and EA_NR: keep
- * them in step); run-time operands are packed by ea_gemm_pack_a.
+ * A is always packed: cut into blocks of EA_KC values of k, and within a block
+ * into panels of EA_MR rows, each panel [kc][EA_MR] (zero rows past M). Block p
+ * starts at p*EA_KC*Mp (Mp = M rounded up to EA_MR), its panel i at i*kc*EA_MR
+ * from there, so that the panels one K block multiplies are adjacent in memory.
+ * Constant operands are packed at build time by agent/convert/ops/linear.py and
+ * conv.py (pack_a, pack_b: keep EA_MR, EA_NR and EA_KC in step); run-time
+ * operands by ea_gemm_pack_a.
  *
- * B is either packed in panels of EA_NR columns ([ceil(N/NR)][K][NR], zero
- * columns past N) or a plain row-major matrix (row stride ldb): a Conv's input
- * or im2col buffer, a run-time MatMul operand.
+ * B is either packed the same way in panels of EA_NR columns (zero columns past
+ * N) or a plain row-major matrix (row stride ldb): a Conv's input or im2col
+ * buffer, a run-time MatMul operand.
  */
 #ifndef EA_GEMM_H
 #define EA_GEMM_H
@@ -21,7 +24,8 @@
 #include "ea_math.h"
 
 #define EA_MR 4
-#define EA_NR 8
+#define EA_NR 16
+#define EA_KC 256
 
 /* Epilogue modes (iattr "act_mode" of Gemm/MatMul/Conv ops). */
 enum {
@@ -40,7 +44,7 @@ typedef struct {
 
 typedef struct {
   int32_t M, N, K;
-  const float *a; /* packed A panels, panel stride K*EA_MR */
+  const float *a; /* packed A (see above) */
   /* B: packed panels (b_packed) or row-major with row stride ldb. */
   const float *b;
   int32_t b_packed;
@@ -61,8 +65,7 @@ typedef struct {
 /* C = act(alpha * A.B + init). Returns EA_OK or EA_ERR_NOMEM (scratch). */
 int32_t ea_gemm(const ea_gemm_t *g);
 
-/* Packs rows [0,M) of A(i,k) = src[i*rs + k*cs] into panels at dst
-   (ceil(M/MR)*K*MR floats). */
+/* Packs rows [0,M) of A(i,k) = src[i*rs + k*cs] at dst (ea_gemm_packed_a_size floats). */
 void ea_gemm_pack_a(const float *src, int32_t M, int32_t K, int32_t rs, int32_t cs, float *dst);
 
 /* Floats of packed A for M rows. */

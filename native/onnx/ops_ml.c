@@ -356,6 +356,55 @@ static inline int32_t ml_walk(const ml_node_t *nodes, int32_t i, const float *x)
   return ~i;
 }
 
+/* One step of a walk that may already be at a leaf (i < 0: it stays), without a branch on it. */
+static inline int32_t ml_step_le(const ml_node_t *nodes, int32_t i, const float *x) {
+  const ml_node_t *n = nodes + (i < 0 ? 0 : i);
+  int32_t next = x[n->feat] <= n->thr ? n->left : n->right;
+  return i < 0 ? i : next;
+}
+
+static inline int32_t ml_step(const ml_node_t *nodes, int32_t i, const float *x) {
+  const ml_node_t *n = nodes + (i < 0 ? 0 : i);
+  int32_t f = n->feat;
+  float v = x[f & ML_FEATURE_MASK];
+  int go = ((f & ML_KIND_EQ) ? (v == n->thr) : (v <= n->thr)) | ((f & ML_KIND_NAN_LEFT) && v != v);
+  int32_t next = go ? n->left : n->right;
+  return i < 0 ? i : next;
+}
+
+/* The leaves of one tree for nb rows. Four rows walk together: their loads overlap. */
+static void ml_walk_rows(const ml_node_t *nodes, int32_t root, const float *xb, int32_t F, int32_t nb, int only_le,
+                         int32_t *leaves) {
+  int32_t r = 0;
+  for (; r + 4 <= nb; r += 4) {
+    const float *x0 = xb + (size_t)r * F, *x1 = x0 + F, *x2 = x1 + F, *x3 = x2 + F;
+    int32_t a = root, b = root, c = root, d = root;
+    if (only_le) {
+      while ((a & b & c & d) >= 0) { /* not all four at a leaf */
+        a = ml_step_le(nodes, a, x0);
+        b = ml_step_le(nodes, b, x1);
+        c = ml_step_le(nodes, c, x2);
+        d = ml_step_le(nodes, d, x3);
+      }
+    } else {
+      while ((a & b & c & d) >= 0) {
+        a = ml_step(nodes, a, x0);
+        b = ml_step(nodes, b, x1);
+        c = ml_step(nodes, c, x2);
+        d = ml_step(nodes, d, x3);
+      }
+    }
+    leaves[r] = ~a;
+    leaves[r + 1] = ~b;
+    leaves[r + 2] = ~c;
+    leaves[r + 3] = ~d;
+  }
+  for (; r < nb; r++) {
+    const float *xr = xb + (size_t)r * F;
+    leaves[r] = only_le ? ml_walk_le(nodes, root, xr) : ml_walk(nodes, root, xr);
+  }
+}
+
 typedef struct {
   int32_t mode, C, agg, post, nbase, binary, all_positive, n_trees;
   const float *base;
@@ -513,6 +562,7 @@ static int32_t op_trees(const ea_op_t *op) {
 
   float *scores = ea_scratch((uint32_t)ML_TREE_BLOCK * (uint32_t)C * 4u);
   uint8_t *has = ea_scratch((uint32_t)ML_TREE_BLOCK * (uint32_t)C);
+  int32_t leaves[ML_TREE_BLOCK];
   float *xf = 0;
   if (x->dtype != EA_F32) xf = ea_scratch((uint32_t)ML_TREE_BLOCK * (uint32_t)F * 4u);
   if (!scores || !has || (x->dtype != EA_F32 && !xf)) return EA_ERR_NOMEM;
@@ -531,10 +581,9 @@ static int32_t op_trees(const ea_op_t *op) {
       has[i] = 0;
     }
     for (int32_t t = 0; t < T; t++) {
-      int32_t root = roots[t];
+      ml_walk_rows(nodes, roots[t], xb, F, nb, only_le, leaves);
       for (int32_t r = 0; r < nb; r++) {
-        const float *xr = xb + (size_t)r * F;
-        int32_t leaf = only_le ? ml_walk_le(nodes, root, xr) : ml_walk(nodes, root, xr);
+        int32_t leaf = leaves[r];
         float *s = scores + (size_t)r * C;
         uint8_t *h = has + (size_t)r * C;
         int32_t k = leaf_start[leaf], end = fo.mode == TREE_REGRESSOR_1 ? k + 1 : leaf_start[leaf + 1];

@@ -22,9 +22,10 @@ GEMM = BASE + 0
 MATMUL = BASE + 1
 OPCODES = {"gemm": GEMM, "matmul": MATMUL}
 
-# The micro-kernel's tile (native/onnx/ea_gemm.h EA_MR, EA_NR).
+# The micro-kernel's tile and K block (native/onnx/ea_gemm.h EA_MR, EA_NR, EA_KC).
 MR = 4
-NR = 8
+NR = 16
+KC = 256
 
 # B layouts of the gemm kernel.
 B_PACKED, B_ROWMAJOR, B_TRANSPOSED = 0, 1, 2
@@ -57,22 +58,32 @@ def activation_epilogue(fused: tuple[int, float, float] | None) -> tuple[list[in
     return [ACT_EXTERNAL, kind], [0.0, 0.0, 0.0, alpha, beta]
 
 
+def _pack(m: np.ndarray, tile: int) -> np.ndarray:
+    """Rows of ``m`` [R, K] in ea_gemm's packed layout: K blocks of KC, each [ceil(R/tile)][kc][tile]."""
+    r, k = m.shape
+    rp = -(-r // tile) * tile
+    padded = np.zeros((rp, k), dtype=np.float32)
+    padded[:r] = m
+    blocks = []
+    for k0 in range(0, k, KC):
+        block = padded[:, k0 : k0 + KC]
+        kc = block.shape[1]
+        blocks.append(block.reshape(rp // tile, tile, kc).transpose(0, 2, 1).reshape(-1))
+    return np.ascontiguousarray(np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32))
+
+
 def pack_b(b: np.ndarray) -> np.ndarray:
-    """[K, N] -> column panels [ceil(N/NR)][K][NR] (zero columns past N)."""
-    k, n = b.shape
-    panels = -(-n // NR) if n else 0
-    padded = np.zeros((k, panels * NR), dtype=np.float32)
-    padded[:, :n] = b
-    return np.ascontiguousarray(padded.reshape(k, panels, NR).transpose(1, 0, 2))
+    """B [K, N] in the kernel's packed layout (column panels of NR, zero columns past N)."""
+    return _pack(np.asarray(b, dtype=np.float32).T, NR)
 
 
 def pack_a(a: np.ndarray) -> np.ndarray:
-    """[M, K] -> row panels [ceil(M/MR)][K][MR] (zero rows past M)."""
-    m, k = a.shape
-    panels = -(-m // MR) if m else 0
-    padded = np.zeros((panels * MR, k), dtype=np.float32)
-    padded[:m] = a
-    return np.ascontiguousarray(padded.reshape(panels, MR, k).transpose(0, 2, 1))
+    """A [M, K] in the kernel's packed layout (row panels of MR, zero rows past M)."""
+    return _pack(np.asarray(a, dtype=np.float32), MR)
+
+
+def packed_a_floats(m: int, k: int) -> int:
+    return -(-m // MR) * MR * k
 
 
 def padded_bias(bias: np.ndarray, n: int) -> np.ndarray:

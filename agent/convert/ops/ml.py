@@ -359,7 +359,7 @@ def lower_linear_regressor(node: Node, lw: Lowerer) -> None:
 def _linear_scratch(node: Node, lw: Lowerer, features: int, classes: int) -> None:
     # A row of integer input converted to float.
     if lw.value(node.inputs[0]).dtype != np.float32:
-        lw.scratch(fixed=4 * features + 16)
+        lw.scratch(fixed=4 * features + 32)
 
 
 # -- tree ensembles -------------------------------------------------------------------------
@@ -460,6 +460,8 @@ def _encode_forest(forest: Forest, n_features: int, n_outputs: int, single: bool
     n = len(forest.modes)
     if n == 0:
         raise Unsupported("the ensemble has no nodes")
+    if n_features > MAX_FEATURES:
+        raise Unsupported(f"the input has {n_features} features; trees can read at most {MAX_FEATURES}")
     index: dict[tuple[int, int], int] = {}
     for i, key in enumerate(zip(forest.treeids.tolist(), forest.nodeids.tolist(), strict=True)):
         if key in index:

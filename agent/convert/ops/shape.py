@@ -41,7 +41,6 @@ OPCODES = {
 
 MODE_IDENTITY = -1
 MODE_BROADCAST = -2
-INT32_MAX = 2**31 - 1
 
 # An axis map: None for the identity, "broadcast" for index 0 everywhere, else the input index
 # of each output position (-1: the fill value).
@@ -129,11 +128,6 @@ def _simplify(maps: list[AxisMap], x: Value) -> list[AxisMap]:
         else:
             out.append(m)
     return out
-
-
-def _check_batch_axis(x: Value, maps: Sequence[AxisMap], what: str) -> None:
-    if _batched_axis0(x) and maps and maps[0] is not None:
-        raise Unsupported(f"{what} the batch axis (axis 0) of a batched input; only the other axes may be")
 
 
 # -- Transpose, DepthToSpace, SpaceToDepth ----------------------------------
