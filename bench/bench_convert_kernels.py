@@ -66,8 +66,14 @@ def ort_session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def bench_model(runner: Runner, name: str, factory: Callable[[], onnx.ModelProto], inputs: Callable[[int], np.ndarray],
-                batches: tuple[int, ...], budget_s: float) -> None:
+def bench_model(
+    runner: Runner,
+    name: str,
+    factory: Callable[[], onnx.ModelProto],
+    inputs: Callable[[int], np.ndarray],
+    batches: tuple[int, ...],
+    budget_s: float,
+) -> None:
     model = factory()
     input_name = model.graph.input[0].name
     t0 = time.perf_counter()
@@ -83,7 +89,7 @@ def bench_model(runner: Runner, name: str, factory: Callable[[], onnx.ModelProto
         ours = time_p50(lambda x=x, batch=batch: instance.run([x], batch), budget_s)
         theirs = time_p50(lambda x=x: session.run(None, {input_name: x}), budget_s)
         print(
-            f"{name:9s} b{batch:<3d} ours {ours:9.3f} ms  onnxruntime {theirs:9.3f} ms  ratio {ours / theirs:5.2f}x"
+            f"{name:9s} b{batch:<3d} ours {ours:10.4f} ms  onnxruntime {theirs:10.4f} ms  ratio {ours / theirs:5.2f}x"
             f"  (max abs err {err:.2g}, build {build_s:.1f}s)",
             flush=True,
         )
@@ -95,8 +101,11 @@ def gemm_model(m: int, k: int, n: int) -> onnx.ModelProto:
     b = numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b")
     node = helper.make_node("Gemm", ["x", "w", "b"], ["y"])
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])], [w, b]
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+        [w, b],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -106,8 +115,11 @@ def conv_model(cin: int, cout: int, size: int, k: int, stride: int = 1) -> onnx.
     w = numpy_helper.from_array((rng.standard_normal((cout, cin, k, k)) * 0.1).astype(np.float32), "w")
     node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[k // 2] * 4, strides=[stride, stride])
     graph = helper.make_graph(
-        [node], "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w]
+        [node],
+        "c",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -118,22 +130,30 @@ def bench_kernels(runner: Runner, budget_s: float) -> None:
         converted = convert(model, name="gemm", version="1", max_batch=m)
         instance = runner.instance(converted)
         x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
-        ours = time_p50(lambda x=x, m=m: instance.run([x], m), budget_s)
-        theirs = time_p50(lambda x=x, s=ort_session(model): s.run(None, {"x": x}), budget_s)
+        session = ort_session(model)
+        ours = time_p50(lambda x=x, m=m, instance=instance: instance.run([x], m), budget_s)
+        theirs = time_p50(lambda x=x, s=session: s.run(None, {"x": x}), budget_s)
         flops = 2.0 * m * k * n
         print(
             f"gemm {m}x{k}x{n}: ours {ours:.3f} ms ({flops / ours / 1e6:.1f} GFLOP/s), "
             f"onnxruntime {theirs:.3f} ms ({flops / theirs / 1e6:.1f} GFLOP/s)",
             flush=True,
         )
-    for cin, cout, size, k, stride in ((64, 64, 56, 3, 1), (256, 64, 56, 1, 1), (64, 256, 56, 1, 1), (512, 512, 7, 3, 1),
-                                       (3, 64, 224, 7, 2), (128, 128, 56, 3, 2)):
+    for cin, cout, size, k, stride in (
+        (64, 64, 56, 3, 1),
+        (256, 64, 56, 1, 1),
+        (64, 256, 56, 1, 1),
+        (512, 512, 7, 3, 1),
+        (3, 64, 224, 7, 2),
+        (128, 128, 56, 3, 2),
+    ):
         model = conv_model(cin, cout, size, k, stride)
         converted = convert(model, name="conv", version="1", max_batch=1)
         instance = runner.instance(converted)
         x = np.random.default_rng(1).standard_normal((1, cin, size, size)).astype(np.float32)
-        ours = time_p50(lambda x=x: instance.run([x], 1), budget_s)
-        theirs = time_p50(lambda x=x, s=ort_session(model): s.run(None, {"x": x}), budget_s)
+        session = ort_session(model)
+        ours = time_p50(lambda x=x, instance=instance: instance.run([x], 1), budget_s)
+        theirs = time_p50(lambda x=x, s=session: s.run(None, {"x": x}), budget_s)
         out = (size + 2 * (k // 2) - k) // stride + 1
         flops = 2.0 * cout * cin * k * k * out * out
         print(
@@ -145,7 +165,9 @@ def bench_kernels(runner: Runner, budget_s: float) -> None:
 
 def main(argv: list[str]) -> int:
     wanted = set(argv) or {"mlp", "cnn", "resnet50"}
-    print("reproduce: " + " ".join(["EDGE_AGENT_ONNX_KERNELS=... .venv/bin/python bench/bench_convert_kernels.py", *argv]))
+    print(
+        "reproduce: " + " ".join(["EDGE_AGENT_ONNX_KERNELS=... .venv/bin/python bench/bench_convert_kernels.py", *argv])
+    )
     runner = Runner()
     try:
         if "gemm" in wanted:

@@ -174,6 +174,43 @@ def test_array_feature_extractor_index_out_of_range() -> None:
         runner().run(converted, {"x": x[None], "i": np.array([[1, 9]], np.int64)})
 
 
+def afe_label_model(consumer: str = "Reshape") -> onnx.ModelProto:
+    """MLPClassifier's label path: classes[indices] (a [1, N] result), reshaped to [N]."""
+    classes = numpy_helper.from_array(np.array([3, 1, 4, 1, 5, 9, 2, 6], np.int64), "classes")
+    shape = numpy_helper.from_array(np.array([-1], np.int64), "shape")
+    nodes = [helper.make_node("ArrayFeatureExtractor", ["classes", "idx"], ["picked"], domain=ML)]
+    if consumer == "Reshape":
+        nodes.append(helper.make_node("Reshape", ["picked", "shape"], ["label"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["picked"], ["label"]))
+    graph = helper.make_graph(
+        nodes,
+        "afe",
+        [helper.make_tensor_value_info("idx", onnx.TensorProto.INT64, ["N", 1])],
+        [onnx.ValueInfoProto(name="label")],
+        [classes, shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ML, 1)])
+    model.ir_version = 8
+    return model
+
+
+def test_array_feature_extractor_label_path_batched() -> None:
+    # The [1, N] result would carry the batch in dimension 1: analysis sees Gather(classes, idx) instead.
+    from agent.convert.ops.ml import rewrite_model
+
+    model = afe_label_model()
+    rewritten = rewrite_model(model)
+    assert [n.op_type for n in rewritten.graph.node] == ["Gather", "Reshape"]
+    assert [n.op_type for n in model.graph.node] == ["ArrayFeatureExtractor", "Reshape"]  # not changed in place
+    idx = np.array([[0], [5], [7], [3], [1]], np.int64)
+    assert_matches(model, {"idx": idx}, batch=True)
+    # Anything else than a Reshape after it: left alone (and refused for its batch dimension).
+    other = afe_label_model("Identity")
+    assert rewrite_model(other) is other
+    assert "batch" in refusal(other, {"idx": idx}, batch=True)
+
+
 # -- linear models -------------------------------------------------------------------------
 
 

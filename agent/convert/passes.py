@@ -4,6 +4,8 @@ Constant folding already happened in agent/convert/analyze.py (every value
 computed from weights and shapes alone is a constant there). Here, in order:
 
 - ``fold_batchnorm``: BatchNormalization after Conv/Gemm folded into their weights and bias;
+- ``fold_input_scale``: Mul by a constant per input channel before a Conv folded into its weights
+  (an input normalisation such as ``pixels * (1/16)``);
 - ``fuse_bias``: Add of a constant bias after MatMul/Gemm (along the last axis) or Conv (per
   channel) becomes the kernel's bias;
 - ``fuse_residual``: Add of a computed tensor of the same shape after a Conv (a residual
@@ -33,6 +35,7 @@ def prepare(graph: Graph) -> Graph:
     remove_dead(graph)
     fuse_quantized(graph)
     fold_batchnorm(graph)
+    fold_input_scale(graph)
     fuse_bias(graph)
     fuse_residual(graph)
     fuse_activations(graph)
@@ -136,7 +139,7 @@ def fold_batchnorm(graph: Graph) -> None:
         producer = _fusable_producer(graph, uses, producers, bn.inputs[0])
         if producer is None or id(producer) in dead:
             continue
-        scale, shift, mean, var = (np.asarray(p, dtype=np.float64).reshape(-1) for p in params)  # type: ignore[arg-type]
+        scale, shift, mean, var = (np.asarray(p, dtype=np.float64).reshape(-1) for p in params)
         factor = scale / np.sqrt(var + float(bn.attr("epsilon", 1e-5)))
         if producer.op_type == "Conv":
             folded = _fold_into_conv(graph, producer, factor, shift - mean * factor)
@@ -198,6 +201,51 @@ def _fold_into_gemm(graph: Graph, gemm: Node, factor: np.ndarray, offset: np.nda
     ]
     gemm.attrs["beta"] = 1.0
     return True
+
+
+# -- input scale --------------------------------------------------------------------
+
+
+def fold_input_scale(graph: Graph) -> None:
+    """Conv(x * s) with s constant per input channel is Conv(x) with weights scaled along Cin.
+
+    Exact with zero padding (padded zeros stay zero). The Mul goes when the Conv is its only reader."""
+    uses, producers = _uses(graph), _producers(graph)
+    dead: set[int] = set()
+    for conv in graph.nodes:
+        if conv.op_type != "Conv" or conv.domain != "" or not conv.inputs or not conv.inputs[0]:
+            continue
+        index = producers.get(conv.inputs[0])
+        w = _const(graph, conv, 1)
+        if index is None or w is None or w.ndim < 3 or not _private(graph, uses, conv.inputs[0]):
+            continue
+        mul = graph.nodes[index]
+        if mul.op_type != "Mul" or mul.domain != "" or id(mul) in dead or len(mul.inputs) != 2:
+            continue
+        x_shape = graph.values[conv.inputs[0]].shape
+        for data, scale_name in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
+            scale = graph.values[scale_name].const
+            if scale is None or not data or graph.values[data].is_const or not _is_float(graph, data):
+                continue
+            if graph.values[data].shape != x_shape or scale.ndim > len(x_shape):
+                continue
+            full = (1,) * (len(x_shape) - scale.ndim) + tuple(scale.shape)
+            if any(d != 1 for i, d in enumerate(full) if i != 1):
+                continue
+            group = int(conv.attr("group", 1))
+            cin = x_shape[1]
+            per_channel = np.broadcast_to(scale.astype(np.float64).reshape(-1), (cin,))
+            # Weight [Cout, Cin/group, k...]: output channel o of group g reads inputs g*Cin_g + i.
+            cin_g, cout = cin // group, w.shape[0]
+            if group < 1 or cin % group or cout % group or w.shape[1] != cin_g:
+                continue
+            groups_of = np.arange(cout) // (cout // group)
+            factors = per_channel.reshape(group, cin_g)[groups_of]  # [Cout, Cin_g]
+            new_w = w.astype(np.float64) * factors.reshape(factors.shape + (1,) * (w.ndim - 2))
+            conv.inputs = [data, _new_const(graph, f"{conv.name}.weight_scaled", new_w), *conv.inputs[2:]]
+            dead.add(id(mul))
+            break
+    _drop(graph, dead)
 
 
 # -- bias and residual Add ---------------------------------------------------------

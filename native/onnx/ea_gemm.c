@@ -5,9 +5,10 @@
  * fit the caches (NC, KC, MC), and a register-blocked micro-kernel computes an
  * EA_MR x EA_NR (4 x 16) tile of C in f32x4 accumulators over one K block. A
  * comes in packed panels (its EA_MR values for one k are adjacent: one load);
- * B either in packed panels or straight from a row-major matrix (one row segment
- * per k), so that a Conv's input or im2col buffer needs no second copy; the
- * last columns of a row-major B go through 8- and 4-wide tiles.
+ * B in packed panels too: packed at build time (constant weights), or block by
+ * block as the GEMM goes (a run-time matrix, a Conv's im2col written straight in
+ * panel order). Contiguous panels keep the micro-kernel's loads in few pages
+ * and cache sets. A last panel narrower than EA_NR runs a 4-, 8- or 12-wide tile.
  *
  * Multiply-add: relaxed SIMD's f32x4.relaxed_madd (fused on hardware with FMA).
  * clang 14 knows it only under its pre-standard name and opcode
@@ -17,19 +18,24 @@
  */
 #include "ea_gemm.h"
 
+void *ea_alloc(uint32_t nbytes); /* interp.c: permanent heap memory */
+
 #ifndef EA_GEMM_FMA
 #define EA_GEMM_FMA 1
 #endif
 
 #if EA_GEMM_FMA
-#define MADD(a, b, c) ((v128_t)__builtin_wasm_fma_f32x4((__f32x4)(a), (__f32x4)(b), (__f32x4)(c)))
+#define MADD(a, b, c) EA_MADD(a, b, c)
 #else
 #define MADD(a, b, c) wasm_f32x4_add(wasm_f32x4_mul((a), (b)), (c))
 #endif
 
 #define KC EA_KC
-#define MC 128
-#define NC 512
+#ifndef EA_MC
+#define EA_MC 128
+#endif
+#define MC EA_MC
+#define NC EA_NC
 
 /* ea_activation_f32 (ops_unary.c) applies the activations the micro-kernel does not inline. */
 #include "ea_vmath.h"
@@ -76,7 +82,7 @@
  * call), which a 2-deep body and a 4 x 16 tile amortise best.
  */
 static inline __attribute__((always_inline)) void tile(const int R, const int W, int32_t kc, const float *restrict a,
-                                                        const float *restrict b, int32_t ldb, float *c, int32_t ldc,
+                                                        const float *restrict b, float *c, int32_t ldc,
                                                         const float *src, int32_t lds, const float *bias_r,
                                                         const float *bias_c, float alpha, const ea_act_t *act,
                                                         int last) {
@@ -87,9 +93,9 @@ static inline __attribute__((always_inline)) void tile(const int R, const int W,
   for (; k + 2 <= kc; k += 2) {
     v128_t a0 = wasm_v128_load(a), a1 = wasm_v128_load(a + 4);
     EA_STEP(a0, b);
-    EA_STEP(a1, b + ldb);
+    EA_STEP(a1, b + EA_NR);
     a += 8;
-    b += 2 * ldb;
+    b += 2 * EA_NR;
   }
   if (k < kc) {
     v128_t a0 = wasm_v128_load(a);
@@ -128,10 +134,10 @@ static inline __attribute__((always_inline)) void tile(const int R, const int W,
     for (int v = 0; v < W; v++) wasm_v128_store(c + r * ldc + 4 * v, acc[r][v]);
 }
 
-static void tile_any(int32_t rows, int W, int32_t kc, const float *a, const float *b, int32_t ldb, float *c,
+static void tile_any(int32_t rows, int W, int32_t kc, const float *a, const float *b, float *c,
                      int32_t ldc, const float *src, int32_t lds, const float *bias_r, const float *bias_c, float alpha,
                      const ea_act_t *act, int last) {
-#define EA_TILE(R, W) tile(R, W, kc, a, b, ldb, c, ldc, src, lds, bias_r, bias_c, alpha, act, last)
+#define EA_TILE(R, W) tile(R, W, kc, a, b, c, ldc, src, lds, bias_r, bias_c, alpha, act, last)
 #define EA_TILES(W)                                                                          \
   switch (rows) {                                                                            \
   case 1: EA_TILE(1, W); break;                                                              \
@@ -142,15 +148,14 @@ static void tile_any(int32_t rows, int W, int32_t kc, const float *a, const floa
   switch (W) {
   case 1: EA_TILES(1); break;
   case 2: EA_TILES(2); break;
+  case 3: EA_TILES(3); break;
   default: EA_TILES(4); break;
   }
 #undef EA_TILES
 #undef EA_TILE
 }
 
-/* The last columns of a row-major B (fewer than 4), zero-padded to 4; C and init tiles for
-   partial tiles. */
-static float edge_b[KC * 4] __attribute__((aligned(16)));
+/* C and init tiles for partial tiles. */
 static float edge_c[EA_MR * EA_NR] __attribute__((aligned(16)));
 static float edge_s[EA_MR * EA_NR] __attribute__((aligned(16)));
 
@@ -199,6 +204,25 @@ void ea_gemm_pack_a(const float *src, int32_t M, int32_t K, int32_t rs, int32_t 
   }
 }
 
+void ea_gemm_pack_rows(const void *ctx, int32_t k0, int32_t kc, int32_t j0, int32_t nc, float *dst) {
+  const ea_rows_t *rows = ctx;
+  const int32_t ld = rows->ld;
+  for (int32_t p = 0; p * EA_NR < nc; p++) {
+    const int32_t nv = EA_MIN(EA_NR, nc - p * EA_NR);
+    const float *src = rows->data + (size_t)k0 * ld + j0 + p * EA_NR;
+    float *d = dst + (size_t)p * kc * EA_NR;
+    if (nv == EA_NR) {
+      for (int32_t k = 0; k < kc; k++) {
+        const float *s = src + (size_t)k * ld;
+        for (int32_t v = 0; v < EA_NR; v += 4) wasm_v128_store(d + k * EA_NR + v, wasm_v128_load(s + v));
+      }
+    } else {
+      for (int32_t k = 0; k < kc; k++)
+        for (int32_t t = 0; t < EA_NR; t++) d[k * EA_NR + t] = t < nv ? src[(size_t)k * ld + t] : 0.0f;
+    }
+  }
+}
+
 int32_t ea_gemm(const ea_gemm_t *g) {
   const int32_t M = g->M, N = g->N, K = g->K;
   if (M <= 0 || N <= 0) return EA_OK;
@@ -214,44 +238,44 @@ int32_t ea_gemm(const ea_gemm_t *g) {
     return EA_OK;
   }
   const int32_t Mp = (M + EA_MR - 1) / EA_MR * EA_MR, Np = (N + EA_NR - 1) / EA_NR * EA_NR;
+  ea_pack_b_fn pack_b = g->pack_b;
+  const void *b_ctx = g->b_ctx;
+  ea_rows_t rows;
+  if (!pack_b && g->ldb > 0) {
+    rows.data = g->b;
+    rows.ld = g->ldb;
+    pack_b = ea_gemm_pack_rows;
+    b_ctx = &rows;
+  }
+  float *work = g->work;
+  if (pack_b && !work) {
+    static float *kept;
+    if (!kept) kept = ea_alloc((uint32_t)ea_gemm_work_floats(EA_NC) * 4u);
+    if (!kept) return EA_ERR_NOMEM;
+    work = kept;
+  }
   for (int32_t jc = 0; jc < N; jc += NC) {
-    int32_t nc = EA_MIN(NC, N - jc);
+    const int32_t nc = EA_MIN(NC, N - jc);
     for (int32_t pc = 0; pc < K; pc += KC) {
-      int32_t kc = EA_MIN(KC, K - pc);
-      int first = pc == 0, last = pc + kc == K;
-      /* A row-major B's last (< 4) columns: copied, zero-padded, once per K block. */
-      int32_t tail = g->b_packed ? 0 : nc % 4;
-      if (tail) {
-        const float *bsrc = g->b + (size_t)pc * g->ldb + jc + nc - tail;
-        for (int32_t k = 0; k < kc; k++)
-          for (int32_t t = 0; t < 4; t++) edge_b[k * 4 + t] = t < tail ? bsrc[(size_t)k * g->ldb + t] : 0.0f;
+      const int32_t kc = EA_MIN(KC, K - pc);
+      const int first = pc == 0, last = pc + kc == K;
+      /* This block's B panels: packed at build time, or now. */
+      const float *bblock;
+      if (pack_b) {
+        pack_b(b_ctx, pc, kc, jc, nc, work);
+        bblock = work;
+      } else {
+        bblock = g->b + (size_t)pc * Np + (size_t)jc * kc;
       }
       for (int32_t ic = 0; ic < M; ic += MC) {
-        int32_t mc = EA_MIN(MC, M - ic);
-        for (int32_t jr = 0; jr < nc;) {
-          /* The next column panel: its width (4W columns computed, nv of them kept) and where its B is. */
-          int32_t j = jc + jr, left = nc - jr, nv, ldb;
-          int W;
-          const float *bp;
-          if (g->b_packed) {
-            W = 4;
-            nv = EA_MIN(EA_NR, left);
-            bp = g->b + (size_t)pc * Np + (size_t)j * kc;
-            ldb = EA_NR;
-          } else if (left >= 4) {
-            W = left >= 16 ? 4 : left >= 8 ? 2 : 1;
-            nv = 4 * W;
-            bp = g->b + (size_t)pc * g->ldb + j;
-            ldb = g->ldb;
-          } else {
-            W = 1;
-            nv = left;
-            bp = edge_b;
-            ldb = 4;
-          }
+        const int32_t mc = EA_MIN(MC, M - ic);
+        for (int32_t jr = 0; jr < nc; jr += EA_NR) {
+          const int32_t j = jc + jr, nv = EA_MIN(EA_NR, nc - jr);
+          const int W = (nv + 3) / 4;
+          const float *bp = bblock + (size_t)jr * kc;
           const float *bias_c = first && g->bias_col ? g->bias_col + j : 0;
           for (int32_t ir = 0; ir < mc; ir += EA_MR) {
-            int32_t i = ic + ir, mv = EA_MIN(EA_MR, M - i);
+            const int32_t i = ic + ir, mv = EA_MIN(EA_MR, M - i);
             const float *ap = g->a + (size_t)pc * Mp + (size_t)i * kc;
             const float *bias_r = first && g->bias_row ? g->bias_row + i : 0;
             float *cp = g->c + (size_t)i * g->ldc + j;
@@ -265,7 +289,7 @@ int32_t ea_gemm(const ea_gemm_t *g) {
               lds = g->ld_init;
             }
             if (nv == 4 * W) {
-              tile_any(mv, W, kc, ap, bp, ldb, cp, g->ldc, src, lds, bias_r, bias_c, g->alpha, &g->act, last);
+              tile_any(mv, W, kc, ap, bp, cp, g->ldc, src, lds, bias_r, bias_c, g->alpha, &g->act, last);
             } else {
               if (src) {
                 for (int32_t r = 0; r < mv; r++)
@@ -273,12 +297,11 @@ int32_t ea_gemm(const ea_gemm_t *g) {
                 src = edge_s;
                 lds = EA_NR;
               }
-              tile_any(mv, W, kc, ap, bp, ldb, edge_c, EA_NR, src, lds, bias_r, bias_c, g->alpha, &g->act, last);
+              tile_any(mv, W, kc, ap, bp, edge_c, EA_NR, src, lds, bias_r, bias_c, g->alpha, &g->act, last);
               for (int32_t r = 0; r < mv; r++)
                 for (int32_t t = 0; t < nv; t++) cp[(size_t)r * g->ldc + t] = edge_c[r * EA_NR + t];
             }
           }
-          jr += nv;
         }
         if (last && g->act.mode == EA_EPI_EXTERNAL)
           for (int32_t i = ic; i < ic + mc; i++) ea_act_apply(&g->act, g->c + (size_t)i * g->ldc + jc, nc);

@@ -44,10 +44,13 @@ static int32_t op_gemm(const ea_op_t *op) {
   if (trans_a) ea_gemm_pack_a(a->data, M, K, 1, M, ap);
   else ea_gemm_pack_a(a->data, M, K, K, 1, ap);
   g.a = ap;
+  if (b_layout != B_PACKED) {
+    g.work = ea_scratch((uint32_t)ea_gemm_work_floats(N) * 4u);
+    if (!g.work) return EA_ERR_NOMEM;
+  }
   switch (b_layout) {
   case B_PACKED:
     g.b = b->data;
-    g.b_packed = 1;
     break;
   case B_ROWMAJOR:
     g.b = b->data;
@@ -140,7 +143,8 @@ static int32_t op_matmul(const ea_op_t *op) {
   int32_t rows = (b_shared && a_dense) ? M * batches : M;
   int32_t runs = (b_shared && a_dense) ? 1 : batches;
   float *ap = ea_scratch((uint32_t)ea_gemm_packed_a_size(rows, K) * 4u);
-  if (!ap) return EA_ERR_NOMEM;
+  g.work = ea_scratch((uint32_t)ea_gemm_work_floats(N) * 4u);
+  if (!ap || !g.work) return EA_ERR_NOMEM;
   g.M = rows;
   g.a = ap;
   int32_t idx[EA_MAX_RANK] = {0};

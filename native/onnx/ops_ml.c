@@ -405,6 +405,18 @@ static void ml_walk_rows(const ml_node_t *nodes, int32_t root, const float *xb, 
   }
 }
 
+/* A leaf's weight for output c, by the aggregate function (onnxruntime's TreeAggregator*). */
+static inline void ml_add_weight(int32_t agg, float *s, uint8_t *h, int32_t c, float w) {
+  if (agg == AGG_SUM || agg == AGG_AVERAGE) {
+    s[c] += w;
+  } else if (agg == AGG_MIN) {
+    s[c] = (!h[c] || w < s[c]) ? w : s[c];
+  } else {
+    s[c] = (!h[c] || w > s[c]) ? w : s[c];
+  }
+  h[c] = 1;
+}
+
 typedef struct {
   int32_t mode, C, agg, post, nbase, binary, all_positive, n_trees;
   const float *base;
@@ -532,7 +544,8 @@ static void ml_finish_row(const ml_forest_t *fo, float *s, uint8_t *h, float *z,
  * in: x [N,F] or [F], nodes [n,4] (ml_node_t), roots int32 [trees], leaf_start int32 [leaves+1],
  *     leaf_ids int32, leaf_values f32, base_values f32, labels int64 (classifier).
  * out: regressor: scores [N,C]; classifier: labels int64 [N], scores [N,C].
- * iattr: mode, C, aggregate, post, F, only "<=" splits, n base values, binary case, weights all >= 0, trees.
+ * iattr: mode, C, aggregate, post, F, only "<=" splits, n base values, binary case, weights all >= 0, trees,
+ *        dense leaves (C weights per leaf, for outputs 0..C-1 in order; leaf_start/leaf_ids unused).
  */
 static int32_t op_trees(const ea_op_t *op) {
   const ea_tensor_t *x = op->in[0];
@@ -552,6 +565,7 @@ static int32_t op_trees(const ea_op_t *op) {
   fo.binary = ia[7];
   fo.all_positive = ia[8];
   fo.n_trees = ia[9];
+  int32_t dense = ia[10]; /* leaf i's weights are leaf_values[i*C .. i*C+C) */
   fo.base = op->in[6]->data;
   fo.labels = fo.mode == TREE_CLASSIFIER ? (const int64_t *)op->in[7]->data : 0;
   int32_t C = fo.C, T = op->in[2]->count;
@@ -586,18 +600,12 @@ static int32_t op_trees(const ea_op_t *op) {
         int32_t leaf = leaves[r];
         float *s = scores + (size_t)r * C;
         uint8_t *h = has + (size_t)r * C;
-        int32_t k = leaf_start[leaf], end = fo.mode == TREE_REGRESSOR_1 ? k + 1 : leaf_start[leaf + 1];
-        for (; k < end; k++) {
-          int32_t c = fo.mode == TREE_REGRESSOR_1 ? 0 : leaf_ids[k];
-          float w = leaf_vals[k];
-          if (fo.agg == AGG_SUM || fo.agg == AGG_AVERAGE) {
-            s[c] += w;
-          } else if (fo.agg == AGG_MIN) {
-            s[c] = (!h[c] || w < s[c]) ? w : s[c];
-          } else {
-            s[c] = (!h[c] || w > s[c]) ? w : s[c];
-          }
-          h[c] = 1;
+        if (dense) {
+          const float *wv = leaf_vals + (size_t)leaf * C;
+          for (int32_t c = 0; c < C; c++) ml_add_weight(fo.agg, s, h, c, wv[c]);
+        } else {
+          for (int32_t k = leaf_start[leaf], end = leaf_start[leaf + 1]; k < end; k++)
+            ml_add_weight(fo.agg, s, h, leaf_ids[k], leaf_vals[k]);
         }
       }
     }

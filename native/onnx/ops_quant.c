@@ -337,59 +337,97 @@ typedef struct {
   const float *fbias;    /* per channel (zeros when absent) */
 } epi_t;
 
-/* One row of n results: the channel is `ch` for the whole row (ch >= 0) or the column (ch < 0). */
-static void epilogue(const epi_t *e, const int32_t *c, int32_t n, int32_t ch, void *out) {
+/* Requantized row, one channel for the whole row. */
+static void epi_requant_row(const epi_t *e, const int32_t *restrict c, int32_t n, int32_t ch, uint8_t *restrict o) {
+  const int32_t sgn = e->out_dtype == EA_I8, zy = e->zy, ib = e->ibias[ch];
+  const float s = e->scale[ch], lo = e->lo, hi = e->hi;
+  const v128_t vlo = wasm_f32x4_splat(lo), vhi = wasm_f32x4_splat(hi), vz = wasm_i32x4_splat(MAGIC_BITS - zy);
+  const v128_t vs = wasm_f32x4_splat(s), vb = wasm_i32x4_splat(ib);
   int32_t j = 0;
-  const int32_t per_col = ch < 0;
-  if (e->mode == EPI_INT32) {
-    int32_t *o = out;
-    for (; j < n; j++) o[j] = c[j];
-    return;
+  for (; j + 16 <= n; j += 16) {
+    v128_t q0 = vqround(wasm_f32x4_mul(wasm_f32x4_convert_i32x4(wasm_i32x4_add(wasm_v128_load(c + j), vb)), vs), vlo, vhi, vz);
+    v128_t q1 =
+        vqround(wasm_f32x4_mul(wasm_f32x4_convert_i32x4(wasm_i32x4_add(wasm_v128_load(c + j + 4), vb)), vs), vlo, vhi, vz);
+    v128_t q2 =
+        vqround(wasm_f32x4_mul(wasm_f32x4_convert_i32x4(wasm_i32x4_add(wasm_v128_load(c + j + 8), vb)), vs), vlo, vhi, vz);
+    v128_t q3 =
+        vqround(wasm_f32x4_mul(wasm_f32x4_convert_i32x4(wasm_i32x4_add(wasm_v128_load(c + j + 12), vb)), vs), vlo, vhi, vz);
+    wasm_v128_store(o + j, pack16(q0, q1, q2, q3, sgn));
   }
-  if (e->mode == EPI_REQUANT) {
-    const int32_t sgn = e->out_dtype == EA_I8;
-    uint8_t *o = out;
-    const v128_t vlo = wasm_f32x4_splat(e->lo), vhi = wasm_f32x4_splat(e->hi), vz = wasm_i32x4_splat(MAGIC_BITS - e->zy);
-    if (!per_col) {
-      const v128_t vs = wasm_f32x4_splat(e->scale[ch]), vb = wasm_i32x4_splat(e->ibias[ch]);
-      for (; j + 16 <= n; j += 16) {
-        v128_t q[4];
-        for (int32_t u = 0; u < 4; u++) {
-          v128_t f = wasm_f32x4_convert_i32x4(wasm_i32x4_add(wasm_v128_load(c + j + 4 * u), vb));
-          q[u] = vqround(wasm_f32x4_mul(f, vs), vlo, vhi, vz);
-        }
-        wasm_v128_store(o + j, pack16(q[0], q[1], q[2], q[3], sgn));
-      }
-    }
-    for (; j + 4 <= n; j += 4) {
-      v128_t vs = per_col ? wasm_v128_load(e->scale + j) : wasm_f32x4_splat(e->scale[ch]);
-      v128_t vb = per_col ? wasm_v128_load(e->ibias + j) : wasm_i32x4_splat(e->ibias[ch]);
-      v128_t f = wasm_f32x4_convert_i32x4(wasm_i32x4_add(wasm_v128_load(c + j), vb));
-      store4_q8(o + j, vqround(wasm_f32x4_mul(f, vs), vlo, vhi, vz), sgn);
-    }
-    for (; j < n; j++) {
-      int32_t k = per_col ? j : ch;
-      o[j] = (uint8_t)(qround((float)(c[j] + e->ibias[k]) * e->scale[k], e->lo, e->hi) + e->zy);
-    }
-    return;
-  }
-  /* EPI_FLOAT, EPI_DYNAMIC */
-  float *o = out;
-  const v128_t zero = wasm_f32x4_splat(0.0f);
+  for (; j + 4 <= n; j += 4)
+    store4_q8(o + j, vqround(wasm_f32x4_mul(wasm_f32x4_convert_i32x4(wasm_i32x4_add(wasm_v128_load(c + j), vb)), vs), vlo, vhi, vz),
+              sgn);
+  for (; j < n; j++) o[j] = (uint8_t)(qround((float)(c[j] + ib) * s, lo, hi) + zy);
+}
+
+/* Requantized row, channel = column. */
+static void epi_requant_cols(const epi_t *e, const int32_t *restrict c, int32_t n, uint8_t *restrict o) {
+  const int32_t sgn = e->out_dtype == EA_I8, zy = e->zy;
+  const float lo = e->lo, hi = e->hi;
+  const float *restrict scale = e->scale;
+  const int32_t *restrict ibias = e->ibias;
+  const v128_t vlo = wasm_f32x4_splat(lo), vhi = wasm_f32x4_splat(hi), vz = wasm_i32x4_splat(MAGIC_BITS - zy);
+  int32_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    v128_t vs = per_col ? wasm_v128_load(e->scale + j) : wasm_f32x4_splat(e->scale[ch]);
-    v128_t vb = per_col ? wasm_v128_load(e->ibias + j) : wasm_i32x4_splat(e->ibias[ch]);
-    v128_t vf = per_col ? wasm_v128_load(e->fbias + j) : wasm_f32x4_splat(e->fbias[ch]);
-    v128_t f = wasm_f32x4_convert_i32x4(wasm_i32x4_add(wasm_v128_load(c + j), vb));
-    f = wasm_f32x4_add(wasm_f32x4_mul(f, vs), vf);
-    if (e->relu) f = wasm_f32x4_pmax(f, zero);
+    v128_t f = wasm_f32x4_convert_i32x4(wasm_i32x4_add(wasm_v128_load(c + j), wasm_v128_load(ibias + j)));
+    store4_q8(o + j, vqround(wasm_f32x4_mul(f, wasm_v128_load(scale + j)), vlo, vhi, vz), sgn);
+  }
+  for (; j < n; j++) o[j] = (uint8_t)(qround((float)(c[j] + ibias[j]) * scale[j], lo, hi) + zy);
+}
+
+/* Float row (EPI_FLOAT, EPI_DYNAMIC): float(acc + ibias) * scale + fbias, then Relu. */
+static void epi_float_row(const epi_t *e, const int32_t *restrict c, int32_t n, int32_t ch, float *restrict o) {
+  const int32_t ib = e->ibias[ch], relu = e->relu;
+  const float s = e->scale[ch], fb = e->fbias[ch];
+  const v128_t vs = wasm_f32x4_splat(s), vb = wasm_i32x4_splat(ib), vf = wasm_f32x4_splat(fb), zero = wasm_f32x4_splat(0.0f);
+  int32_t j = 0;
+  if (relu) {
+    for (; j + 4 <= n; j += 4) {
+      v128_t f = wasm_f32x4_convert_i32x4(wasm_i32x4_add(wasm_v128_load(c + j), vb));
+      wasm_v128_store(o + j, wasm_f32x4_pmax(wasm_f32x4_add(wasm_f32x4_mul(f, vs), vf), zero));
+    }
+  } else {
+    for (; j + 4 <= n; j += 4) {
+      v128_t f = wasm_f32x4_convert_i32x4(wasm_i32x4_add(wasm_v128_load(c + j), vb));
+      wasm_v128_store(o + j, wasm_f32x4_add(wasm_f32x4_mul(f, vs), vf));
+    }
+  }
+  for (; j < n; j++) {
+    float f = (float)(c[j] + ib) * s + fb;
+    o[j] = relu && f < 0.0f ? 0.0f : f;
+  }
+}
+
+/* Float row, channel = column. */
+static void epi_float_cols(const epi_t *e, const int32_t *restrict c, int32_t n, float *restrict o) {
+  const int32_t relu = e->relu;
+  const float *restrict scale = e->scale, *restrict fbias = e->fbias;
+  const int32_t *restrict ibias = e->ibias;
+  const v128_t zero = wasm_f32x4_splat(0.0f);
+  int32_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    v128_t f = wasm_f32x4_convert_i32x4(wasm_i32x4_add(wasm_v128_load(c + j), wasm_v128_load(ibias + j)));
+    f = wasm_f32x4_add(wasm_f32x4_mul(f, wasm_v128_load(scale + j)), wasm_v128_load(fbias + j));
+    if (relu) f = wasm_f32x4_pmax(f, zero);
     wasm_v128_store(o + j, f);
   }
   for (; j < n; j++) {
-    int32_t k = per_col ? j : ch;
-    float f = (float)(c[j] + e->ibias[k]) * e->scale[k] + e->fbias[k];
-    if (e->relu) f = f < 0.0f ? 0.0f : f;
-    o[j] = f;
+    float f = (float)(c[j] + ibias[j]) * scale[j] + fbias[j];
+    o[j] = relu && f < 0.0f ? 0.0f : f;
+  }
+}
+
+/* One row of n results: the channel is `ch` for the whole row (ch >= 0) or the column (ch < 0). */
+static void epilogue(const epi_t *e, const int32_t *c, int32_t n, int32_t ch, void *out) {
+  if (e->mode == EPI_INT32) {
+    int32_t *o = out;
+    for (int32_t j = 0; j < n; j++) o[j] = c[j];
+  } else if (e->mode == EPI_REQUANT) {
+    if (ch >= 0) epi_requant_row(e, c, n, ch, out);
+    else epi_requant_cols(e, c, n, out);
+  } else {
+    if (ch >= 0) epi_float_row(e, c, n, ch, out);
+    else epi_float_cols(e, c, n, out);
   }
 }
 
@@ -445,6 +483,11 @@ static void widen_row(const uint8_t *a, int32_t sgn, int32_t K, int32_t za, int1
     v128_t h = sgn ? wasm_i16x8_load8x8(a + k) : wasm_u16x8_load8x8(a + k);
     wasm_v128_store(dst + k, wasm_i16x8_sub(h, vz));
   }
+  for (; k + 4 <= K; k += 4) {
+    v128_t b = wasm_v128_load32_zero(a + k);
+    v128_t h = sgn ? wasm_i16x8_extend_low_i8x16(b) : wasm_u16x8_extend_low_u8x16(b);
+    wasm_v128_store64_lane(dst + k, wasm_i16x8_sub(h, vz), 0);
+  }
   for (; k < K; k++) dst[k] = (int16_t)((sgn ? (int32_t)(int8_t)a[k] : (int32_t)a[k]) - za);
 }
 
@@ -458,6 +501,10 @@ static void quantize_row_s16(const float *x, int32_t K, float s, int32_t zp, int
     v128_t q0 = vqround(wasm_f32x4_div(wasm_v128_load(x + k), vs), vlo, vhi, vz);
     v128_t q1 = vqround(wasm_f32x4_div(wasm_v128_load(x + k + 4), vs), vlo, vhi, vz);
     wasm_v128_store(dst + k, wasm_i16x8_narrow_i32x4(q0, q1));
+  }
+  for (; k + 4 <= K; k += 4) {
+    v128_t q0 = vqround(wasm_f32x4_div(wasm_v128_load(x + k), vs), vlo, vhi, vz);
+    wasm_v128_store64_lane(dst + k, wasm_i16x8_narrow_i32x4(q0, q0), 0);
   }
   for (; k < K; k++) dst[k] = (int16_t)qround(x[k] / s, lo, hi);
 }

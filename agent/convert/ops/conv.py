@@ -19,6 +19,7 @@ from agent.convert.ops.linear import (
     FUSED_RESIDUAL,
     activation_epilogue,
     pack_a,
+    work_bytes,
 )
 
 BASE = FAMILY_BASE["conv"]
@@ -115,7 +116,9 @@ def lower_conv(node: Node, lw: Lowerer) -> None:
     if bias is not None:
         bias_tensor = lw.const(bias.astype(np.float32).reshape(cout), f"{node.name}.bias")
     cin_g, cout_g = cin // group, cout // group
+    hp, wp = (ho - 1) * sh + (kh - 1) * dh + 1, (wo - 1) * sw + (kw - 1) * dw + 1
     if group == cin and cin_g == 1 and group > 1:
+        lw.scratch(fixed=(hp * wp + 8) * 4 + 64)
         weights = lw.const(w.astype(np.float32).reshape(cout, kh * kw), f"{node.name}.weights")
         lw.emit(CONV_DW, [lw.input(node, 0), weights, bias_tensor, residual], [lw.output(node, 0)], ints, act_f)
         return
@@ -123,7 +126,6 @@ def lower_conv(node: Node, lw: Lowerer) -> None:
     wm = w.astype(np.float32).reshape(group, cout_g, k)
     packed = np.concatenate([pack_a(wm[g]).reshape(-1) for g in range(group)])
     weights = lw.const(packed, f"{node.name}.packed_W")
-    direct = kh == kw == sh == sw == 1 and pt == pl == 0 and (ho, wo) == (h, wd)
-    if not direct:
-        lw.scratch(fixed=k * ho * wo * 4)
+    # ea_gemm's work buffer, and the zero-padded input im2col reads.
+    lw.scratch(fixed=work_bytes(ho * wo) + cin_g * hp * wp * 4 + 128)
     lw.emit(CONV, [lw.input(node, 0), weights, bias_tensor, residual], [lw.output(node, 0)], ints, act_f)

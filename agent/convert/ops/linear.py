@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
 import numpy as np
 
 from agent.convert.ir import Node
@@ -86,6 +87,14 @@ def packed_a_floats(m: int, k: int) -> int:
     return -(-m // MR) * MR * k
 
 
+NC = 512  # ea_gemm.h EA_NC
+
+
+def work_bytes(n: int) -> int:
+    """Bytes of ea_gemm's work buffer (B packed at run time) for n columns: ea_gemm_work_floats."""
+    return KC * (-(-min(n, NC) // NR) * NR) * 4
+
+
 def padded_bias(bias: np.ndarray, n: int) -> np.ndarray:
     """A per-column bias of n values, zero-padded to whole NR panels (the kernel reads NR at a time)."""
     out = np.zeros(max(1, -(-n // NR)) * NR, dtype=np.float32)
@@ -149,19 +158,20 @@ def lower_gemm(node: Node, lw: Lowerer) -> None:
         bias = bias + np.broadcast_to(np.asarray(fused_bias, dtype=np.float64).reshape(-1), (n,))
         has_bias = True
     bconst = lw.const_input(node, 1)
+    b_scratch = 0
     if bconst is not None:
         bm = bconst.T if trans_b else bconst
         b_tensor = lw.const(pack_b((alpha * bm.astype(np.float64)).astype(np.float32)), f"{node.name}.packed_B")
         layout, alpha_run = B_PACKED, 1.0
     else:
+        # B packed block by block at run time (after a transpose into scratch for transB).
         b_tensor = lw.input(node, 1)
         layout, alpha_run = (B_TRANSPOSED if trans_b else B_ROWMAJOR), alpha
-        if layout == B_TRANSPOSED:
-            lw.scratch(fixed=k * n * 4 + MR * k * 4 + (0 if a.batched else m * k * 4))
+        b_scratch = work_bytes(n) + (k * n * 4 if layout == B_TRANSPOSED else 0) + 64
     bias_tensor = lw.const(padded_bias(bias, n), f"{node.name}.bias") if has_bias else -1
     act_i, act_f = activation_epilogue(node.attrs.get(FUSED_ACTIVATION))
-    per_batch, fixed = _scratch_a(lw, a.shape[1] if trans_a else a.shape[0], m, a.batched, k)
-    lw.scratch(per_batch=per_batch, fixed=fixed)
+    per_batch, fixed = _scratch_a(lw, a.shape[0], m, a.batched, k)
+    lw.scratch(per_batch=per_batch, fixed=fixed + b_scratch)
     lw.emit(
         GEMM,
         [lw.input(node, 0), b_tensor, bias_tensor, c_tensor],
@@ -174,7 +184,7 @@ def lower_gemm(node: Node, lw: Lowerer) -> None:
 @lowering("MatMul")
 def lower_matmul(node: Node, lw: Lowerer) -> None:
     _require_float(lw, node, (0, 1))
-    a, b, y = lw.value(node.inputs[0]), lw.value(node.inputs[1]), lw.value(node.outputs[0])
+    a, b = lw.value(node.inputs[0]), lw.value(node.inputs[1])
     if not a.shape or not b.shape:
         raise Unsupported("MatMul of a scalar")
     k = a.shape[-1]
@@ -206,7 +216,7 @@ def lower_matmul(node: Node, lw: Lowerer) -> None:
     if b.batched and len(b.shape) <= 2:
         raise Unsupported("B's batch dimension would be the reduction axis")
     per_batch, fixed = _scratch_a(lw, rows, rows, a.batched, k)
-    lw.scratch(per_batch=per_batch, fixed=fixed)
+    lw.scratch(per_batch=per_batch, fixed=fixed + work_bytes(n) + 64)
     lw.emit(
         MATMUL,
         [lw.input(node, 0), lw.input(node, 1), bias_tensor],

@@ -21,7 +21,11 @@ Tree ensembles are encoded at build time into compact arrays the kernel walks:
   is now the left one (``missing_value_tracks_true``, or NaN failing a ``>``).
 - ``roots``: int32 [n_trees], the root of each tree (a split index or ``~leaf``).
 - ``leaf_start``/``leaf_ids``/``leaf_values``: each leaf's (target or class,
-  weight) pairs, in onnxruntime's order.
+  weight) pairs, in onnxruntime's order; "dense" when every leaf has one weight
+  per output in output order (scikit-learn's forests): ``leaf_values`` alone.
+
+The kernel scores rows in blocks of 64, tree by tree, four rows walking a tree at
+once so that their node loads overlap.
 """
 
 from __future__ import annotations
@@ -159,11 +163,18 @@ def rewrite_model(model: Any) -> Any:
     from onnx import numpy_helper
 
     graph = model.graph
-    consts: dict[str, np.ndarray] = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    if not any(p.domain == ML and p.op_type == "ArrayFeatureExtractor" for p in graph.node):
+        return model
+    # Small constants only (the X and shapes this looks at): weights are not decoded.
+    consts: dict[str, np.ndarray] = {
+        init.name: numpy_helper.to_array(init)
+        for init in graph.initializer
+        if len(init.dims) <= 1 and not init.data_location
+    }
     for proto in graph.node:
         if proto.op_type == "Constant" and proto.domain in ("", "ai.onnx") and proto.output:
             for attr in proto.attribute:
-                if attr.name == "value":
+                if attr.name == "value" and len(attr.t.dims) <= 1:
                     consts[proto.output[0]] = numpy_helper.to_array(attr.t)
     outputs = {o.name for o in graph.output}
     targets = []
@@ -328,7 +339,7 @@ def lower_linear_classifier(node: Node, lw: Lowerer) -> None:
         lw.const(intercepts, f"{node.name}.intercepts"),
         lw.const(labels, f"{node.name}.labels"),
     ]
-    _linear_scratch(node, lw, features, classes)
+    _linear_scratch(node, lw, features)
     lw.emit(LINEAR, inputs, [lw.output(node, 0), lw.output(node, 1)], ints=[1, classes, features, post, second])
 
 
@@ -352,11 +363,11 @@ def lower_linear_regressor(node: Node, lw: Lowerer) -> None:
     )
     post = _post_transform(node)
     inputs = [lw.input(node, 0), lw.const(coefficients.reshape(targets, features), f"{node.name}.coefficients"), bias]
-    _linear_scratch(node, lw, features, targets)
+    _linear_scratch(node, lw, features)
     lw.emit(LINEAR, inputs, [lw.output(node, 0)], ints=[0, targets, features, post, 0])
 
 
-def _linear_scratch(node: Node, lw: Lowerer, features: int, classes: int) -> None:
+def _linear_scratch(node: Node, lw: Lowerer, features: int) -> None:
     # A row of integer input converted to float.
     if lw.value(node.inputs[0]).dtype != np.float32:
         lw.scratch(fixed=4 * features + 32)
@@ -393,6 +404,7 @@ class Encoded:
     leaf_ids: np.ndarray  # int32
     leaf_values: np.ndarray  # float32
     only_le: bool  # every split is "x <= t", NaN right: the kernel's fast loop
+    dense: bool  # each leaf has one weight per output, in output order: leaf_start/leaf_ids are implied
 
 
 MODES = ("BRANCH_LEQ", "BRANCH_LT", "BRANCH_GTE", "BRANCH_GT", "BRANCH_EQ", "BRANCH_NEQ", "LEAF", "BRANCH_MEMBER")
@@ -452,145 +464,158 @@ def _below(t: np.float32) -> np.float32:
     return np.nextafter(np.float32(t), np.float32(-np.inf))
 
 
+def _lookup(trees: np.ndarray, nodes: np.ndarray, q_trees: np.ndarray, q_nodes: np.ndarray) -> np.ndarray:
+    """Index of each queried (tree, node) among the nodes, -1 where there is none."""
+    _, t_rank = np.unique(np.concatenate([trees, q_trees]), return_inverse=True)
+    _, n_rank = np.unique(np.concatenate([nodes, q_nodes]), return_inverse=True)
+    width = int(n_rank.max(initial=0)) + 1
+    keys = t_rank.reshape(-1).astype(np.int64) * width + n_rank.reshape(-1)
+    base, query = keys[: trees.size], keys[trees.size :]
+    order = np.argsort(base, kind="stable")
+    ordered = base[order]
+    if ordered.size > 1 and bool(np.any(ordered[1:] == ordered[:-1])):
+        dup = order[1:][ordered[1:] == ordered[:-1]][0]
+        raise Unsupported(f"node {int(nodes[dup])} of tree {int(trees[dup])} is defined twice")
+    pos = np.minimum(np.searchsorted(ordered, query), max(ordered.size - 1, 0))
+    found = ordered[pos] == query
+    return np.where(found, order[pos], -1).astype(np.int64)
+
+
 def _encode_forest(forest: Forest, n_features: int, n_outputs: int, single: bool) -> Encoded:
     """Encode ``forest`` as the kernel's arrays, reproducing how onnxruntime builds and walks it.
 
-    ``single``: one target (onnxruntime then uses each leaf's first weight only).
+    ``single``: one target (onnxruntime then uses each leaf's first weight only, whatever its target id).
     """
     n = len(forest.modes)
     if n == 0:
         raise Unsupported("the ensemble has no nodes")
     if n_features > MAX_FEATURES:
         raise Unsupported(f"the input has {n_features} features; trees can read at most {MAX_FEATURES}")
-    index: dict[tuple[int, int], int] = {}
-    for i, key in enumerate(zip(forest.treeids.tolist(), forest.nodeids.tolist(), strict=True)):
-        if key in index:
-            raise Unsupported(f"node {key[1]} of tree {key[0]} is defined twice")
-        index[key] = i
     is_leaf = np.array([m == "LEAF" for m in forest.modes], dtype=bool)
-
-    # Leaves' weights in onnxruntime's order: sorted by (tree, node), then as given.
-    order = sorted(
-        range(forest.w_ids.size),
-        key=lambda k: (int(forest.w_treeids[k]), int(forest.w_nodeids[k]), k),
-    )
-    leaf_weights: dict[int, list[tuple[int, float]]] = {}
-    for k in order:
-        key = (int(forest.w_treeids[k]), int(forest.w_nodeids[k]))
-        target = index.get(key)
-        if target is None:
-            raise Unsupported(f"a weight refers to node {key[1]} of tree {key[0]}, which does not exist")
-        if not is_leaf[target]:
-            continue  # onnxruntime ignores weights on split nodes (old onnxmltools wrote some)
-        cls = int(forest.w_ids[k])
-        if not 0 <= cls < n_outputs:
-            raise Unsupported(f"a weight is for target/class {cls}; there are {n_outputs}")
-        leaf_weights.setdefault(target, []).append((cls, float(forest.w_values[k])))
-
-    # Compact numbering: split nodes in the order given, leaves in the order given.
-    split_of = np.full(n, -1, dtype=np.int64)
-    leaf_of = np.full(n, -1, dtype=np.int64)
     splits = np.flatnonzero(~is_leaf)
     leaves = np.flatnonzero(is_leaf)
+    split_of = np.full(n, -1, dtype=np.int64)
+    leaf_of = np.full(n, -1, dtype=np.int64)
     split_of[splits] = np.arange(splits.size)
     leaf_of[leaves] = np.arange(leaves.size)
-    for i in leaves.tolist():
-        if i not in leaf_weights:
-            raise Unsupported(f"leaf {int(forest.nodeids[i])} of tree {int(forest.treeids[i])} has no weight")
+    n_w = forest.w_ids.size
 
-    def ref(i: int) -> int:
-        return int(split_of[i]) if not is_leaf[i] else ~int(leaf_of[i])
+    # One look-up for every reference: weights' nodes, then true and false children of splits.
+    found = _lookup(
+        forest.treeids,
+        forest.nodeids,
+        np.concatenate([forest.w_treeids, forest.treeids[splits], forest.treeids[splits]]),
+        np.concatenate([forest.w_nodeids, forest.truenodeids[splits], forest.falsenodeids[splits]]),
+    )
+    w_node, true_node, false_node = found[:n_w], found[n_w : n_w + splits.size], found[n_w + splits.size :]
 
-    children: list[tuple[int, int]] = []
-    for i in splits.tolist():
-        tree = int(forest.treeids[i])
-        pair = []
-        for which, child_ids in (("true", forest.truenodeids), ("false", forest.falsenodeids)):
-            child = index.get((tree, int(child_ids[i])))
-            if child is None:
-                raise Unsupported(
-                    f"node {int(forest.nodeids[i])} of tree {tree}: {which} child {int(child_ids[i])} does not exist"
-                )
-            if child == i:
-                raise Unsupported(f"node {int(forest.nodeids[i])} of tree {tree} is its own child")
-            pair.append(child)
-        children.append((pair[0], pair[1]))
-        feature = int(forest.featureids[i])
-        if not 0 <= feature < n_features:
+    # Leaves' weights in onnxruntime's order: by (tree, node), then as given; weights on split
+    # nodes are ignored (old onnxmltools wrote some).
+    if bool(np.any(w_node < 0)):
+        k = int(np.flatnonzero(w_node < 0)[0])
+        raise Unsupported(
+            f"a weight refers to node {int(forest.w_nodeids[k])} of tree {int(forest.w_treeids[k])}, which is missing"
+        )
+    keep = np.flatnonzero(is_leaf[w_node])
+    w_leaf = leaf_of[w_node[keep]]
+    w_ids = forest.w_ids[keep]
+    if not single and w_ids.size and (int(w_ids.min()) < 0 or int(w_ids.max()) >= n_outputs):
+        bad = int(w_ids[(w_ids < 0) | (w_ids >= n_outputs)][0])
+        raise Unsupported(f"a weight is for target/class {bad}; there are {n_outputs}")
+    order = np.lexsort((keep, w_leaf))
+    counts = np.bincount(w_leaf, minlength=leaves.size)
+    if bool(np.any(counts == 0)):
+        i = int(leaves[np.flatnonzero(counts == 0)[0]])
+        raise Unsupported(f"leaf {int(forest.nodeids[i])} of tree {int(forest.treeids[i])} has no weight")
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    ids = w_ids[order]
+    vals = forest.w_values[keep][order]
+    if single:
+        vals = vals[starts[:-1]]
+        ids = np.zeros(leaves.size, dtype=np.int64)
+        starts = np.arange(leaves.size + 1)
+    n_per_leaf = 1 if single else n_outputs
+    dense = bool(np.all(counts == n_per_leaf)) if not single else True
+    if dense and not single:
+        dense = bool(
+            np.array_equal(ids.reshape(-1, n_outputs), np.broadcast_to(np.arange(n_outputs), (leaves.size, n_outputs)))
+        )
+
+    # Split nodes: children must exist, in the same tree, not the node itself; features in range.
+    for which, child, ids_attr in (("true", true_node, forest.truenodeids), ("false", false_node, forest.falsenodeids)):
+        bad_at = np.flatnonzero((child < 0) | (child == splits))
+        if bad_at.size:
+            i = int(splits[bad_at[0]])
+            what = "is the node itself" if child[bad_at[0]] >= 0 else "does not exist"
             raise Unsupported(
-                f"node {int(forest.nodeids[i])} of tree {tree} reads feature {feature}; the input has {n_features}"
+                f"node {int(forest.nodeids[i])} of tree {int(forest.treeids[i])}: "
+                f"{which} child {int(ids_attr[i])} {what}"
             )
+    features = forest.featureids[splits]
+    if features.size and (int(features.min()) < 0 or int(features.max()) >= n_features):
+        i = int(splits[np.flatnonzero((features < 0) | (features >= n_features))[0]])
+        raise Unsupported(
+            f"node {int(forest.nodeids[i])} of tree {int(forest.treeids[i])} reads feature "
+            f"{int(forest.featureids[i])}; the input has {n_features}"
+        )
 
     # Roots: the first node of each run of equal tree ids, as onnxruntime takes them.
-    roots_at = [i for i in range(n) if i == 0 or forest.treeids[i] != forest.treeids[i - 1]]
-    _check_acyclic(roots_at, splits, children, is_leaf)
+    roots_at = np.flatnonzero(np.concatenate([[True], forest.treeids[1:] != forest.treeids[:-1]]))
+    if not (bool(np.all(true_node > splits)) and bool(np.all(false_node > splits))):
+        # Children listed before their parent (never so in preorder): look for a cycle.
+        _check_acyclic(
+            roots_at.tolist(), splits, list(zip(true_node.tolist(), false_node.tolist(), strict=True)), is_leaf
+        )
 
-    # Split records. Set membership (TreeEnsemble 5) becomes a chain of equality tests.
-    records: list[list[int]] = [[0, 0, 0, 0] for _ in range(splits.size)]
+    def ref(i: np.ndarray) -> np.ndarray:
+        return np.where(is_leaf[i], ~leaf_of[i], split_of[i])
+
+    # Split records: every mode as "go left iff x <= t" (or x == t), NaN left or right.
+    t = forest.values[splits].astype(np.float32)
+    below = np.where(np.isneginf(t), np.float32(np.nan), np.nextafter(t, np.float32(-np.inf))).astype(np.float32)
+    miss = forest.missing_true[splits]
+    true_ref, false_ref = ref(true_node), ref(false_node)
+    modes = np.array([forest.modes[i] for i in splits.tolist()], dtype=object)
+    swap = np.isin(modes, ["BRANCH_GT", "BRANCH_GTE", "BRANCH_NEQ"])
+    thr = np.where(np.isin(modes, ["BRANCH_LT", "BRANCH_GTE"]), below, t)
+    eq = np.isin(modes, ["BRANCH_EQ", "BRANCH_NEQ", "BRANCH_MEMBER"])
+    # NaN fails every comparison but !=: it goes to the false child unless missing values track true.
+    nan_true = miss | (modes == "BRANCH_NEQ")
+    nan_left = np.where(swap, ~nan_true, nan_true)
+    flags = np.where(eq, KIND_EQ, 0) | np.where(nan_left, KIND_NAN_LEFT, 0)
+    records = np.zeros((splits.size, 4), dtype=np.int32)
+    records[:, 0] = thr.view(np.int32)
+    records[:, 1] = features.astype(np.int64) | flags
+    records[:, 2] = np.where(swap, false_ref, true_ref)
+    records[:, 3] = np.where(swap, true_ref, false_ref)
+    only_le = not bool(np.any(flags))
+
+    # Set membership (TreeEnsemble 5): a chain of equality tests, each failing into the next.
     extra: list[list[int]] = []
-    only_le = True
-    for s, i in enumerate(splits.tolist()):
-        true_child, false_child = (ref(c) for c in children[s])
-        mode = forest.modes[i]
-        t = np.float32(forest.values[i])
-        miss = bool(forest.missing_true[i])
-        feature = int(forest.featureids[i])
-        if mode == "BRANCH_MEMBER":
-            assert forest.members is not None
-            members = forest.members[i]
-            values = [] if members is None else [np.float32(v) for v in members.tolist()]
-            only_le = False
-            if not values:
-                # Never a member; NaN goes true when missing values track true.
-                records[s] = _record(
-                    np.float32(np.nan), feature, KIND_EQ | (KIND_NAN_LEFT if miss else 0), true_child, false_child
-                )
-                continue
-            nxt = false_child
-            # Build the chain back to front: each test's false side is the next test.
-            for v in reversed(values[1:]):
-                extra.append(_record(v, feature, KIND_EQ | (KIND_NAN_LEFT if miss else 0), true_child, nxt))
-                nxt = splits.size + len(extra) - 1
-            records[s] = _record(values[0], feature, KIND_EQ | (KIND_NAN_LEFT if miss else 0), true_child, nxt)
+    for s in np.flatnonzero(modes == "BRANCH_MEMBER").tolist():
+        assert forest.members is not None
+        members = forest.members[int(splits[s])]
+        values = [] if members is None else members.astype(np.float32).tolist()
+        kind = KIND_EQ | (KIND_NAN_LEFT if miss[s] else 0)
+        if not values:  # never a member: compare with NaN
+            records[s] = _record(np.float32(np.nan), int(features[s]), kind, int(true_ref[s]), int(false_ref[s]))
             continue
-        if mode == "BRANCH_LEQ":
-            rec = _record(t, feature, KIND_NAN_LEFT if miss else 0, true_child, false_child)
-        elif mode == "BRANCH_LT":
-            rec = _record(_below(t), feature, KIND_NAN_LEFT if miss else 0, true_child, false_child)
-        elif mode == "BRANCH_GT":
-            # x > t: not (x <= t); NaN fails x > t, so it goes false (now left) unless missing tracks true.
-            rec = _record(t, feature, 0 if miss else KIND_NAN_LEFT, false_child, true_child)
-        elif mode == "BRANCH_GTE":
-            rec = _record(_below(t), feature, 0 if miss else KIND_NAN_LEFT, false_child, true_child)
-        elif mode == "BRANCH_EQ":
-            rec = _record(t, feature, KIND_EQ | (KIND_NAN_LEFT if miss else 0), true_child, false_child)
-        else:  # BRANCH_NEQ: x != t is true for NaN, so NaN goes true (right here) either way.
-            rec = _record(t, feature, KIND_EQ, false_child, true_child)
-        if rec[1] >> 24:
-            only_le = False
-        records[s] = rec
-    all_records = records + extra
-    if not all_records:
-        all_records = [_record(np.float32(0), 0, 0, -1, -1)]  # unused: every tree is a single leaf
-    nodes = np.asarray(all_records, dtype=np.int64).astype(np.int32)
-    roots = np.asarray([ref(i) for i in roots_at], dtype=np.int32)
-
-    starts = [0]
-    ids: list[int] = []
-    vals: list[float] = []
-    for i in leaves.tolist():
-        pairs = leaf_weights[i][:1] if single else leaf_weights[i]
-        for cls, w in pairs:
-            ids.append(cls)
-            vals.append(w)
-        starts.append(len(ids))
+        nxt = int(false_ref[s])
+        for v in reversed(values[1:]):
+            extra.append(_record(np.float32(v), int(features[s]), kind, int(true_ref[s]), nxt))
+            nxt = splits.size + len(extra) - 1
+        records[s] = _record(np.float32(values[0]), int(features[s]), kind, int(true_ref[s]), nxt)
+    nodes = np.concatenate([records, np.asarray(extra, dtype=np.int64).reshape(-1, 4).astype(np.int32)])
+    if nodes.shape[0] == 0:
+        nodes = np.zeros((1, 4), dtype=np.int32)  # unused: every tree is a single leaf
     return Encoded(
-        nodes=nodes,
-        roots=roots,
-        leaf_start=np.asarray(starts, dtype=np.int32),
-        leaf_ids=np.asarray(ids, dtype=np.int32),
-        leaf_values=np.asarray(vals, dtype=np.float32),
+        nodes=np.ascontiguousarray(nodes, dtype=np.int32),
+        roots=ref(roots_at).astype(np.int32),
+        leaf_start=starts.astype(np.int32),
+        leaf_ids=ids.astype(np.int32),
+        leaf_values=vals.astype(np.float32),
         only_le=only_le,
+        dense=dense,
     )
 
 
@@ -632,12 +657,13 @@ def _feature_limit(node: Node, lw: Lowerer, features: int) -> int:
 
 def _tree_inputs(lw: Lowerer, node: Node, enc: Encoded) -> list[int]:
     name = node.name
+    unused = np.zeros(1, np.int32)
     return [
         lw.input(node, 0),
         lw.const(enc.nodes, f"{name}.nodes"),
         lw.const(enc.roots, f"{name}.roots"),
-        lw.const(enc.leaf_start, f"{name}.leaf_start"),
-        lw.const(enc.leaf_ids if enc.leaf_ids.size else np.zeros(1, np.int32), f"{name}.leaf_ids"),
+        lw.const(unused if enc.dense else enc.leaf_start, f"{name}.leaf_start"),
+        lw.const(unused if enc.dense or not enc.leaf_ids.size else enc.leaf_ids, f"{name}.leaf_ids"),
         lw.const(enc.leaf_values if enc.leaf_values.size else np.zeros(1, np.float32), f"{name}.leaf_values"),
     ]
 
@@ -686,6 +712,7 @@ def _emit_regressor(
     inputs = [*_tree_inputs(lw, node, enc), lw.const(base_param.astype(np.float32), f"{node.name}.base_values")]
     _tree_scratch(lw, node, features, targets)
     ints = [mode, targets, aggregate, post, features, int(enc.only_le), int(base_used.size), 0, 0, enc.roots.size]
+    ints.append(int(enc.dense))
     lw.emit(TREES, inputs, [lw.output(node, 0)], ints=ints)
 
 
@@ -721,7 +748,7 @@ def lower_tree_classifier(node: Node, lw: Lowerer) -> None:
     ]
     _tree_scratch(lw, node, features, classes)
     ints = [TREE_CLASSIFIER, classes, AGG_SUM, post, features, int(enc.only_le), int(base.size)]
-    ints += [int(binary_case), int(all_positive), enc.roots.size]
+    ints += [int(binary_case), int(all_positive), enc.roots.size, int(enc.dense)]
     lw.emit(TREES, inputs, [lw.output(node, 0), lw.output(node, 1)], ints=ints)
 
 
