@@ -4,10 +4,13 @@
  *
  * Conv (1-D as 2-D with height 1) is a GEMM per image and group: Y[Cout_g, P] =
  * W[Cout_g, K] . col[K, P] with K = Cin_g*kh*kw and P = Ho*Wo, the weights packed
- * at build time as ea_gemm's A panels. col is the input itself for a 1x1 stride-1
- * unpadded conv, else an im2col copy (one row per (channel, ky, kx), built in
- * scratch). Depthwise convolutions (one input channel per group) run a direct
- * kernel instead, vectorised along the output row.
+ * at build time as ea_gemm's A panels, the bias, a residual input and the
+ * activation in its epilogue. col is the input itself for a 1x1 stride-1
+ * unpadded conv (ea_gemm packs its rows); otherwise im2col writes col straight
+ * into ea_gemm's B panels, one K x 512 block at a time, from a zero-padded copy
+ * of the input (no bounds checks per element). Depthwise convolutions (one input
+ * channel per group) run a direct kernel instead: every tap's weight in a
+ * register, 4 outputs of a row at a time.
  */
 #include "ea_gemm.h"
 
