@@ -126,8 +126,24 @@ def report() -> dict[str, dict[str, Any]]:
     return dict(table)
 
 
+def markdown(table: dict[str, dict[str, Any]]) -> str:
+    """docs/CONVERTER.md's op table: every supported op, its family, its conformance counts."""
+    from agent.convert.ops import LOWERINGS
+
+    lines = ["| op | domain | kernel family | ONNX node tests passed / refused |", "| --- | --- | --- | --- |"]
+    for (domain, op), fn in sorted(LOWERINGS.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        family = fn.__module__.rsplit(".", 1)[-1]
+        row = table.get(op)
+        counts = f"{row['pass']} / {row['skip']}" if row else "none in the suite"
+        lines.append(f"| {op} | {domain or 'ai.onnx'} | {family} | {counts} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     table = report()
+    if "--markdown" in sys.argv:
+        print(markdown(table))
+        return 0
     width = max((len(op) for op in table), default=10)
     totals = Counter()
     print(f"{'op':<{width}}  pass  skip  fail")

@@ -2,11 +2,11 @@
 
 The converter's tests use the result, ``tests/data/models/digits_cnn.onnx``, as a real
 ``torch.onnx.export`` graph (Conv, MaxPool, GlobalAveragePool, Flatten, Gemm). Torch is
-not a project dependency: reproduce it in a throw-away venv with the CPU wheel::
+in the dev extra (the CPU wheel, torch==2.13.0), so after ``make test``'s bootstrap::
 
-    python3 -m venv /tmp/torchvenv
-    /tmp/torchvenv/bin/pip install torch==2.13.0 onnx scikit-learn numpy
-    /tmp/torchvenv/bin/python native/models/train_digits_cnn.py
+    .venv/bin/python native/models/train_digits_cnn.py [--out FILE]
+
+tests/test_convert_e2e.py runs it afresh (into a temporary file) and serves the result.
 
 Model: input ``pixels`` [N,1,8,8] float32 holding the raw 0..16 pixel values (the
 same values as ``load_digits().data``, reshaped); the model scales them by 1/16 itself
@@ -135,6 +135,11 @@ def check(model: DigitsCNN, path: Path, x: np.ndarray) -> None:
 
 
 def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train the digits CNN and export it to ONNX.")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"where to write the ONNX file (default {OUT})")
+    out = parser.parse_args().out
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     x_train, x_test, y_train, y_test = load_split()
@@ -144,9 +149,9 @@ def main() -> int:
     if acc < MIN_ACCURACY:
         print(f"accuracy below {MIN_ACCURACY:.0%}; nothing written", file=sys.stderr)
         return 1
-    export(model, OUT)
-    check(model, OUT, x_test[:16])
-    print(f"wrote {OUT} ({OUT.stat().st_size} bytes)")
+    export(model, out)
+    check(model, out, x_test[:16])
+    print(f"wrote {out} ({out.stat().st_size} bytes)")
     return 0
 
 
