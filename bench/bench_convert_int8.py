@@ -17,6 +17,7 @@ Target (issue 10): the int8 CNN (quantize_dynamic) faster than the float32 CNN i
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -40,7 +41,13 @@ from agent.convert.build import Runner, convert  # noqa: E402
 
 def quantized(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
     """``how``: "dynamic", "qdq" or "qoperator"."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     name = model.graph.input[0].name
     shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
@@ -99,7 +106,7 @@ def main() -> int:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
-    header = f"{'model':<22}" + "".join(f"{'b' + str(b) + ' agent us':>16}{'b' + str(b) + ' ort us':>14}" for b in batches)
+    header = f"{'model':<22}" + "".join(f"{f'b{b} agent us':>16}{f'b{b} ort us':>14}" for b in batches)
     print(header)
     results: dict[str, dict[int, float]] = {}
     try:
@@ -112,8 +119,8 @@ def main() -> int:
             results[label] = {}
             for b in batches:
                 x = np.ascontiguousarray(inputs(b), dtype=np.float32)
-                agent = time_us(lambda x=x, b=b: instance.run([x], b), budget)  # type: ignore[misc]
-                ref = time_us(lambda x=x: session.run(None, {in_name: x}), budget)  # type: ignore[misc]
+                agent = time_us(functools.partial(instance.run, [x], b), budget)
+                ref = time_us(functools.partial(session.run, None, {in_name: x}), budget)
                 results[label][b] = agent
                 row += f"{agent:>16.1f}{ref:>14.1f}"
             print(row, flush=True)

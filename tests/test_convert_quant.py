@@ -250,7 +250,6 @@ def test_conv_integer(case: str, types: tuple[Any, Any]) -> None:
     spec = CONV_CASES[case]
     rng = np.random.default_rng(len(case))
     x, w = rand_q(rng, types[0], spec["x"]), rand_q(rng, types[1], spec["w"])
-    oc = spec["w"][0]
     xz = np.array(rand_q(rng, types[0], ()) // 2, types[0])
     inits = {"w": w, "xz": xz, "wz": np.array(rand_q(rng, types[1], ()) // 2, types[1])}
     model = q_model(
@@ -262,29 +261,6 @@ def test_conv_integer(case: str, types: tuple[Any, Any]) -> None:
         attrs=spec["attrs"],
     )
     assert_q(model, {"x": x})
-    # Per-channel weight zero points (onnxruntime refuses them): against a float Conv of the
-    # zero-point-free integers (exact in float32 at these sizes).
-    wz = (rand_q(rng, types[1], (oc,)) // 2).astype(types[1])
-    model = q_model(
-        "ConvInteger",
-        {"x": x},
-        ["x", "w", "xz", "wz"],
-        {"y": TensorProto.INT32},
-        initializers={"w": w, "xz": xz, "wz": wz},
-        attrs=spec["attrs"],
-    )
-    got = run_converted(model, {"x": x})["y"]
-    wf = (w.astype(np.int32) - wz.astype(np.int32).reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
-    conv = q_model(
-        "Conv",
-        {"x": x.astype(np.float32)},
-        ["x", "w"],
-        {"y": TensorProto.FLOAT},
-        initializers={"w": wf},
-        attrs=spec["attrs"],
-    )
-    want = ort_run(conv, {"x": (x.astype(np.int32) - int(xz)).astype(np.float32)})["y"]
-    np.testing.assert_array_equal(got, want.astype(np.int32))
 
 
 @pytest.mark.parametrize("case", list(CONV_CASES))
@@ -509,7 +485,7 @@ def test_refusals_name_the_node() -> None:
         "MatMulInteger", {"a": a}, ["a", "b", "az"], {"y": TensorProto.INT32},
         initializers={"b": rand_q(rng, U8, (4, 2)), "az": np.array([1, 2, 3], U8)},
     )  # fmt: skip
-    assert "per-row" in _refusal(per_row, {"a": a})
+    assert "zero point" in _refusal(per_row, {"a": a})  # onnxruntime itself refuses per-row zero points
     # A DynamicQuantizeLinear on its own over a batch would mix rows: refused.
     xb = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
     node = helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"])
@@ -634,3 +610,36 @@ def test_dynamic_model_rows_are_independent() -> None:
     for i in range(8):
         alone = ort_run(model, {"pixels": x[i : i + 1]})["logits"]
         np.testing.assert_allclose(together[i : i + 1], alone, rtol=1e-5, atol=1e-4)
+
+
+# -- ONNX's own node tests ---------------------------------------------------------------
+
+# The QuantizeLinear/DequantizeLinear node tests are written at the newest opset, which
+# onnxruntime (the converter's analysis) cannot load yet; their uint8 cases mean the same
+# at opset 21 (what changed since is element types).
+OPSET21_CASES = [
+    "test_quantizelinear",
+    "test_quantizelinear_axis",
+    "test_dequantizelinear",
+    "test_dequantizelinear_axis",
+]
+
+
+@pytest.mark.parametrize("name", OPSET21_CASES)
+def test_onnx_node_cases_at_opset_21(name: str) -> None:
+    from onnx.backend.test.case.node import collect_testcases
+
+    from agent.convert.backend import EdgeBackend
+
+    case = next(c for c in collect_testcases(None) if c.name == name)
+    model = onnx.ModelProto()
+    model.CopyFrom(case.model)
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = 21
+    model.ir_version = 10
+    EdgeBackend.runner = runner()
+    for inputs, expected in case.data_sets:
+        outputs = EdgeBackend.prepare(model).run(inputs)
+        for got, want in zip(outputs, expected, strict=True):
+            np.testing.assert_array_equal(got, np.asarray(want))

@@ -268,7 +268,8 @@ def analyze(
         if not all(values[o].is_const or values[o].batch_valued for o in n.outputs if o and o in values)
     ]
     graph = Graph(nodes=live, values=values, inputs=inputs, outputs=outputs, batched=batched, opsets=opsets)
-    graph.folded = [n for n in nodes if not any(n is m for m in live)]
+    live_ids = {id(n) for n in live}
+    graph.folded = [n for n in nodes if id(n) not in live_ids]
     if one_row_only:
         for value in graph.values.values():
             value.batched = False

@@ -532,20 +532,66 @@ typedef struct {
 } mm_t;
 
 /* rows of A (bytes or floats at `a`, row stride K) -> rows of Y (at `y`, row stride N). */
-static void mm_rows(mm_t *m, const void *a, int32_t rows, int32_t za, float dyn_scale, void *y) {
+static void mm_rows(mm_t *m, const void *a, int32_t rows, int32_t za, void *y) {
   const int32_t K = m->K, sgn = m->op->in[IN_X]->dtype == EA_I8;
   const int32_t esize = ea_dtype_size(m->op->out[0]->dtype);
   for (int32_t r0 = 0; r0 < rows; r0 += MM_ROWS) {
     int32_t nr = EA_MIN(MM_ROWS, rows - r0);
     for (int32_t r = 0; r < nr; r++) {
       int16_t *dst = m->abuf + (size_t)r * m->Kp;
-      if (m->e.mode == EPI_DYNAMIC) quantize_row_s16((const float *)a + (size_t)(r0 + r) * K, K, dyn_scale, za, dst);
-      else widen_row((const uint8_t *)a + (size_t)(r0 + r) * K, sgn, K, za, dst);
+      widen_row((const uint8_t *)a + (size_t)(r0 + r) * K, sgn, K, za, dst);
       if (K & 1) dst[K] = 0;
     }
     gemm_pairs(m->abuf, m->Kp, nr, m->V, m->Np, m->K2, m->cbuf, m->Np);
     for (int32_t r = 0; r < nr; r++)
       epilogue(&m->e, m->cbuf + (size_t)r * m->Np, m->N, -1, (uint8_t *)y + ((size_t)(r0 + r) * m->N) * esize);
+  }
+}
+
+/* Dynamic float row, channel = column: float(acc) * (xs * ws[j]) + fbias[j] (the products onnxruntime's Mul nodes make). */
+static void epi_dynamic_cols(const epi_t *e, const int32_t *restrict c, int32_t n, float xs, float *restrict o) {
+  const int32_t relu = e->relu;
+  const float *restrict ws = e->scale, *restrict fbias = e->fbias;
+  const v128_t vx = wasm_f32x4_splat(xs), zero = wasm_f32x4_splat(0.0f);
+  int32_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    v128_t s = wasm_f32x4_mul(vx, wasm_v128_load(ws + j));
+    v128_t f = wasm_f32x4_add(wasm_f32x4_mul(wasm_f32x4_convert_i32x4(wasm_v128_load(c + j)), s), wasm_v128_load(fbias + j));
+    if (relu) f = wasm_f32x4_pmax(f, zero);
+    wasm_v128_store(o + j, f);
+  }
+  for (; j < n; j++) {
+    float f = (float)c[j] * (xs * ws[j]) + fbias[j];
+    o[j] = relu && f < 0.0f ? 0.0f : f;
+  }
+}
+
+/*
+ * Dynamic MatMul: rows of float A, quantized with the range of their unit (unit_rows rows),
+ * many units' rows in one GEMM block (one row per unit is the common case: a batch of rows).
+ * e->scale holds the weights' scales; each row's own input scale multiplies them in the epilogue.
+ */
+static void mm_dynamic(mm_t *m, const float *a, int32_t rows, int32_t unit_rows, float *y) {
+  const int32_t K = m->K;
+  float row_scale[MM_ROWS];
+  int32_t cur = -1, zp = 0;
+  float s = 1.0f;
+  for (int32_t r0 = 0; r0 < rows; r0 += MM_ROWS) {
+    int32_t nr = EA_MIN(MM_ROWS, rows - r0);
+    for (int32_t r = 0; r < nr; r++) {
+      const int32_t row = r0 + r, u = row / unit_rows;
+      if (u != cur) {
+        dyn_params(a + (size_t)u * unit_rows * K, unit_rows * K, &s, &zp);
+        cur = u;
+      }
+      row_scale[r] = s;
+      int16_t *dst = m->abuf + (size_t)r * m->Kp;
+      quantize_row_s16(a + (size_t)row * K, K, s, zp, dst);
+      if (K & 1) dst[K] = 0;
+    }
+    gemm_pairs(m->abuf, m->Kp, nr, m->V, m->Np, m->K2, m->cbuf, m->Np);
+    for (int32_t r = 0; r < nr; r++)
+      epi_dynamic_cols(&m->e, m->cbuf + (size_t)r * m->Np, m->N, row_scale[r], y + (size_t)(r0 + r) * m->N);
   }
 }
 
@@ -588,18 +634,11 @@ static int32_t op_qmatmul(const ea_op_t *op) {
     if (mode == EPI_DYNAMIC) {
       int32_t unit = at[MM_UNIT] > 0 ? at[MM_UNIT] : A->count;
       if (unit % m.K || (unit && A->count % unit)) return EA_ERR_INTERNAL;
-      int32_t rows_u = unit / m.K;
-      for (int32_t u = 0; u * unit < A->count; u++) {
-        const float *xu = (const float *)A->data + (size_t)u * unit;
-        float s;
-        int32_t zp;
-        dyn_params(xu, unit, &s, &zp);
-        epi_scales(op, &m.e, m.N, s, 1.0f);
-        mm_rows(&m, xu, rows_u, zp, s, (uint8_t *)Y->data + (size_t)u * rows_u * m.N * esize_y);
-      }
+      epi_scales(op, &m.e, m.N, 1.0f, 1.0f); /* the weights' scales alone (1 * w is exact) */
+      mm_dynamic(&m, A->data, rows, unit / m.K, Y->data);
     } else {
       epi_scales(op, &m.e, m.N, float_at(op->in[IN_XS], 0), alpha);
-      mm_rows(&m, A->data, rows, za, 1.0f, Y->data);
+      mm_rows(&m, A->data, rows, za, Y->data);
     }
     return EA_OK;
   }
@@ -634,7 +673,7 @@ static int32_t op_qmatmul(const ea_op_t *op) {
              m.Np);
       last_b = boff;
     }
-    mm_rows(&m, (const uint8_t *)A->data + (size_t)aoff * M * m.K * esize_a, M, za, 1.0f,
+    mm_rows(&m, (const uint8_t *)A->data + (size_t)aoff * M * m.K * esize_a, M, za,
             (uint8_t *)Y->data + (size_t)bi * M * m.N * esize_y);
   }
   return EA_OK;
@@ -787,6 +826,57 @@ static void bcast_strides(const ea_tensor_t *t, const ea_tensor_t *out, int32_t 
 
 static inline int32_t load_q(const uint8_t *p, size_t i, int32_t sgn) { return sgn ? (int32_t)(int8_t)p[i] : (int32_t)p[i]; }
 
+/* a * b + c, fused (relaxed_madd, deterministic in the agent's engine: ea_gemm.h's EA_MADD). */
+#define QMADD(a, b, c) ((v128_t)__builtin_wasm_fma_f32x4((__f32x4)(a), (__f32x4)(b), (__f32x4)(c)))
+
+/* Four quantized values at p (stride 1, or 0: one value broadcast) as f32x4. */
+static inline v128_t load4_qf(const uint8_t *p, int32_t stride, int32_t sgn) {
+  if (!stride) return wasm_f32x4_splat((float)(sgn ? (int32_t)(int8_t)p[0] : (int32_t)p[0]));
+  v128_t b = wasm_v128_load32_zero(p);
+  v128_t h = sgn ? wasm_i16x8_extend_low_i8x16(b) : wasm_u16x8_extend_low_u8x16(b);
+  return wasm_f32x4_convert_i32x4(wasm_i32x4_extend_low_i16x8(h));
+}
+
+/*
+ * One row of QLinearAdd as onnxruntime's AVX2 kernel (MlasQLinearAddKernelAvx2Helper):
+ * fma(a, ra, fma(b, rb, fixed)), fixed = zc - (ra*za + rb*zb); an operand that is one
+ * value for the row (stride 0) is folded into `fixed` first (the compiler contracts that to an FMA too).
+ */
+static void qadd_row(const uint8_t *a, int32_t ia, int32_t sga, const uint8_t *b, int32_t ib, int32_t sgb, int32_t n,
+                     float ra, float rb, float fixed, int32_t dt, uint8_t *y) {
+  const v128_t vra = wasm_f32x4_splat(ra), vrb = wasm_f32x4_splat(rb);
+  const v128_t vlo = wasm_f32x4_splat((float)qmin_of(dt)), vhi = wasm_f32x4_splat((float)qmax_of(dt));
+  const v128_t vz = wasm_i32x4_splat(MAGIC_BITS);
+  const int32_t sgn = dt == EA_I8;
+  v128_t vfixed = wasm_f32x4_splat(fixed);
+  if (!ia) vfixed = QMADD(load4_qf(a, 0, sga), vra, vfixed);
+  else if (!ib) vfixed = QMADD(load4_qf(b, 0, sgb), vrb, vfixed);
+  uint8_t ta[4] = {0, 0, 0, 0}, tb[4] = {0, 0, 0, 0}, ty[4];
+  for (int32_t j = 0; j < n; j += 4) {
+    const uint8_t *pa = a + j * ia, *pb = b + j * ib;
+    const int32_t tail = j + 4 > n;
+    if (tail) { /* no read past the operands' ends */
+      for (int32_t t = 0; j + t < n; t++) {
+        ta[t] = pa[t * ia];
+        tb[t] = pb[t * ib];
+      }
+      if (ia) pa = ta;
+      if (ib) pb = tb;
+    }
+    v128_t r;
+    if (!ia) r = QMADD(load4_qf(pb, ib, sgb), vrb, vfixed);
+    else if (!ib) r = QMADD(load4_qf(pa, ia, sga), vra, vfixed);
+    else r = QMADD(load4_qf(pa, 1, sga), vra, QMADD(load4_qf(pb, 1, sgb), vrb, vfixed));
+    v128_t q = vqround(r, vlo, vhi, vz);
+    if (!tail) {
+      store4_q8(y + j, q, sgn);
+    } else {
+      store4_q8(ty, q, sgn);
+      for (int32_t t = 0; j + t < n; t++) y[j + t] = ty[t];
+    }
+  }
+}
+
 static int32_t op_qbinary(const ea_op_t *op) {
   const ea_tensor_t *A = op->in[0], *B = op->in[3];
   ea_tensor_t *Y = op->out[0];
@@ -795,10 +885,10 @@ static int32_t op_qbinary(const ea_op_t *op) {
   const int32_t za = int_at(op->in[2], 0), zb = int_at(op->in[5], 0), zc = int_at(op->in[7], 0);
   const int32_t sa_gn = A->dtype == EA_I8, sb_gn = B->dtype == EA_I8, dt = Y->dtype;
   const int32_t qmin = qmin_of(dt), qmax = qmax_of(dt);
-  /* QLinearAdd (MLAS SSE2): round((zc - (ra*za + rb*zb)) + a*ra + b*rb); QLinearMul: round(((a-za)*(b-zb)) * r) + zc. */
+  /* QLinearAdd: qadd_row; QLinearMul (MLAS): round(float((a-za)*(b-zb)) * (sa*sb/sc)) + zc. */
   const float ra = sa / sc, rb = sb / sc, fixed = (float)zc - (ra * (float)za + rb * (float)zb);
   const float rmul = sa * sb / sc;
-  const float lo_add = (float)qmin, hi_add = (float)qmax, lo_mul = (float)(qmin - zc), hi_mul = (float)(qmax - zc);
+  const float lo_mul = (float)(qmin - zc), hi_mul = (float)(qmax - zc);
   const uint8_t *a = A->data, *b = B->data;
   uint8_t *y = Y->data;
   int32_t sta[EA_MAX_RANK], stb[EA_MAX_RANK];
@@ -813,12 +903,13 @@ static int32_t op_qbinary(const ea_op_t *op) {
   size_t oa = 0, ob = 0;
   for (int32_t row = 0; row < rows; row++) {
     uint8_t *yr = y + (size_t)row * inner;
-    for (int32_t j = 0; j < inner; j++) {
-      int32_t av = load_q(a, oa + (size_t)j * ia, sa_gn), bv = load_q(b, ob + (size_t)j * ib, sb_gn);
-      int32_t q;
-      if (is_mul) q = qround((float)((av - za) * (bv - zb)) * rmul, lo_mul, hi_mul) + zc;
-      else q = qround(fixed + (float)av * ra + (float)bv * rb, lo_add, hi_add);
-      yr[j] = (uint8_t)q;
+    if (!is_mul) {
+      qadd_row(a + oa, ia, sa_gn, b + ob, ib, sb_gn, inner, ra, rb, fixed, dt, yr);
+    } else {
+      for (int32_t j = 0; j < inner; j++) {
+        int32_t av = load_q(a, oa + (size_t)j * ia, sa_gn), bv = load_q(b, ob + (size_t)j * ib, sb_gn);
+        yr[j] = (uint8_t)(qround((float)((av - za) * (bv - zb)) * rmul, lo_mul, hi_mul) + zc);
+      }
     }
     /* Next row: increment the multi-index over dims [0, R-1). */
     for (int32_t d = R - 2; d >= 0; d--) {
@@ -882,6 +973,7 @@ static int32_t op_qsoftmax(const ea_op_t *op) {
   }
   const float ysf = floorf(1.0f / float_at(op->in[2], 0));
   const int32_t zy = int_at(op->in[3], 0), sgn = X->dtype == EA_I8;
+  const int32_t qmin = qmin_of(Y->dtype), qmax = qmax_of(Y->dtype);
   const uint8_t *x = X->data;
   uint8_t *y = Y->data;
   for (int32_t o = 0; o < outer; o++)
@@ -899,9 +991,9 @@ static int32_t op_qsoftmax(const ea_op_t *op) {
       for (int32_t d = 0; d < D; d++) {
         const size_t at = base + (size_t)d * inner;
         const float vt = table[(uint8_t)(shift + load_q(x, at, sgn))];
-        const int32_t vq = (int32_t)nearbyintf((vt * ysf) / vsum) + zy;
-        if (sgn) y[at] = vq > 255 ? (uint8_t)255 : (uint8_t)(int8_t)vq;
-        else y[at] = (uint32_t)vq > 255u ? (uint8_t)255 : (uint8_t)vq;
+        int32_t vq = (int32_t)nearbyintf((vt * ysf) / vsum) + zy;
+        vq = vq < qmin ? qmin : vq > qmax ? qmax : vq; /* onnxruntime 1.2x saturates (older code wrapped int8) */
+        y[at] = (uint8_t)vq;
       }
     }
   return EA_OK;

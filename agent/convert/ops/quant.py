@@ -226,8 +226,6 @@ def lower_quantize(node: Node, lw: Lowerer) -> None:
     _require_dtype(x, (F32,), "the input")
     _require_dtype(y, Q8, "the output")
     _check_zp_dtype(lw, node, 2, y.dtype, "the zero point")
-    if int(node.attr("saturate", 1)) != 1 and y.dtype not in Q8:
-        raise Unsupported("saturate=0")
     axis = _qdq_axis(node, lw, x)
     lw.emit(QUANTIZE, [lw.input(node, 0), lw.input(node, 1), lw.input(node, 2)], [lw.output(node, 0)], ints=[axis])
 
@@ -448,7 +446,7 @@ def lower_matmul_integer_to_float(node: Node, lw: Lowerer) -> None:
     )  # fmt: skip
 
 
-def _unit(lw: Lowerer, x: Value) -> int:
+def _unit(x: Value) -> int:
     """Elements quantized together by a fused dynamic kernel: one unit of batch (0: the whole tensor)."""
     return _count(x) if x.batched else 0
 
@@ -467,7 +465,7 @@ def lower_dynamic_quantize_matmul(node: Node, lw: Lowerer) -> None:
     bias = _float_bias(node, lw, 4, y.shape, -1, "the bias")
     _emit_matmul(
         node, lw, mode=EPI_DYNAMIC, a=lw.input(node, 0), a_scale=-1, a_zp=-1, b_index=1, b_scale=b_scale,
-        b_zp_index=3, bias=bias, y_scale=-1, y_zp=-1, unit=_unit(lw, a),
+        b_zp_index=3, bias=bias, y_scale=-1, y_zp=-1, unit=_unit(a),
     )  # fmt: skip
 
 
