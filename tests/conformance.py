@@ -144,7 +144,7 @@ def main() -> int:
     if "--markdown" in sys.argv:
         print(markdown(table))
         return 0
-    width = max((len(op) for op in table), default=10)
+    width = min(32, max((len(op) for op in table), default=10))
     totals = Counter()
     print(f"{'op':<{width}}  pass  skip  fail")
     for op in sorted(table):

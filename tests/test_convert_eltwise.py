@@ -429,6 +429,84 @@ def test_variadic_ints() -> None:
         check_node(op, {"a": ints((4, 5), np.uint8, 0, 200), "b": ints((5,), np.uint8, 0, 200, seed=1)}, opset=13)
 
 
+# Mixed ranks 0..3, rank-0 and shape-(1,) operands, rank-0 outputs (DynamicQuantizeLinear's
+# expansion takes Min/Max of a rank-0 ReduceMin/ReduceMax output and a rank-0 constant).
+VARIADIC_RANKS: list[list[tuple[int, ...]]] = [
+    [(), (1,)],
+    [(1,), ()],
+    [(), ()],
+    [(), (), ()],
+    [(), (1,), (1, 1)],
+    [(), (3,)],
+    [(3,), ()],
+    [(1,), (1,)],
+    [(), (2, 1), (1, 3)],
+    [(1,), (1, 3, 1), (), (2, 1, 4)],
+    [(2, 3, 4), (), (1,)],
+    [(1, 1, 1), ()],
+    [(), (1, 1, 1), (1,)],
+]
+
+
+def _variadic_model(op: str, arrays: list[np.ndarray], constant: list[bool], opset: int) -> onnx.ModelProto:
+    names = [f"in{i}" for i in range(len(arrays))]
+    graph_inputs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT if a.dtype == F32 else TensorProto.INT64, list(a.shape))
+        for n, a, c in zip(names, arrays, constant, strict=True)
+        if not c
+    ]
+    inits = [onnx.numpy_helper.from_array(a, n) for n, a, c in zip(names, arrays, constant, strict=True) if c]
+    graph = helper.make_graph(
+        [helper.make_node(op, names, ["y"])], "variadic", graph_inputs, [onnx.ValueInfoProto(name="y")], inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("shapes", VARIADIC_RANKS, ids=lambda s: "+".join(str(d) for d in s))
+@pytest.mark.parametrize("op", ["Sum", "Mean", "Max", "Min"])
+def test_variadic_mixed_ranks(op: str, shapes: list[tuple[int, ...]]) -> None:
+    arrays = [np.asarray(np.round(normal(s, seed=i))) for i, s in enumerate(shapes)]  # rounded: ties for Max/Min
+    n = len(shapes)
+    # every operand a run-time input; then every one but the first, then every one but the last, a constant
+    for constant in ([False] * n, [False] + [True] * (n - 1), [True] * (n - 1) + [False]):
+        model = _variadic_model(op, arrays, constant, opset=13)
+        feed = {f"in{i}": a for i, a in enumerate(arrays) if not constant[i]}
+        assert_matches(model, feed)
+    if op in ("Max", "Min"):
+        int_arrays = [ints(s, np.int64, seed=i) for i, s in enumerate(shapes)]
+        model = _variadic_model(op, int_arrays, [False] + [True] * (n - 1), opset=13)
+        assert_matches(model, {"in0": int_arrays[0]})
+
+
+def test_dynamic_quantize_linear_expansion() -> None:
+    """ReduceMin/ReduceMax to a scalar, clamped against a rank-0 constant by Min/Max, as ONNX expands
+    DynamicQuantizeLinear: the binary ops then run with every operand and the output of rank 0."""
+    nodes = [
+        helper.make_node("ReduceMin", ["x"], ["lo"], keepdims=0),
+        helper.make_node("Min", ["lo", "zero"], ["lo_adj"]),
+        helper.make_node("ReduceMax", ["x"], ["hi"], keepdims=0),
+        helper.make_node("Max", ["hi", "zero"], ["hi_adj"]),
+        helper.make_node("Sub", ["hi_adj", "lo_adj"], ["range"]),
+        helper.make_node("Div", ["range", "qmax"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6])],
+        [onnx.ValueInfoProto(name="y")],
+        [
+            onnx.numpy_helper.from_array(np.array(0.0, F32), "zero"),
+            onnx.numpy_helper.from_array(np.array(255.0, F32), "qmax"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    for x in (normal((6,)), np.abs(normal((6,), seed=1)), -np.abs(normal((6,), seed=2))):
+        assert_matches(model, {"x": x})
+
+
 # ---------------------------------------------------------------------------------------------
 # batched models: the batch dimension changes at run time
 # ---------------------------------------------------------------------------------------------

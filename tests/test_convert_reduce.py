@@ -187,16 +187,32 @@ def test_hardmax_ties_take_first() -> None:
 
 
 @pytest.mark.parametrize("op", ["ArgMax", "ArgMin"])
-@pytest.mark.parametrize("dtype", [np.float32, np.int32, np.int64])
+@pytest.mark.parametrize("dtype", [np.float32, np.int32, np.int64, np.uint8, np.int8])
 def test_arg(op: str, dtype: Any) -> None:
     # Small integers: many ties, so select_last_index matters.
-    x = np.random.default_rng(2).integers(-3, 4, (3, 5, 6)).astype(dtype)
+    lo = 0 if dtype == np.uint8 else -3
+    x = np.random.default_rng(2).integers(lo, lo + 7, (3, 5, 6)).astype(dtype)
     for axis in (0, 1, 2, -1):
         for keepdims in (0, 1):
             for last in (0, 1):
                 attrs = {"axis": axis, "keepdims": keepdims, "select_last_index": last}
                 check_node(op, {"x": x}, attrs=attrs, opset=13)
     check_node(op, {"x": x[0, 0]}, opset=11)  # 1-D, default axis 0, no select_last_index
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_arg_8bit_extremes(dtype: Any) -> None:
+    """The whole 8-bit range (QLinearSoftmax's uint8 output feeds ArgMax in quantized models)."""
+    info = np.iinfo(dtype)
+    x = np.random.default_rng(5).integers(int(info.min), int(info.max) + 1, (4, 37, 3)).astype(dtype)
+    x[0, :, 0] = info.min  # all ties at the minimum
+    x[1, :, 1] = info.max  # all ties at the maximum
+    x[2, 5, :], x[2, 30, :] = info.max, info.max
+    x[3, 7, :], x[3, 20, :] = info.min, info.min
+    for op in ("ArgMax", "ArgMin"):
+        for last in (0, 1):
+            check_node(op, {"x": x}, attrs={"axis": 1, "select_last_index": last}, opset=13)
+        check_node(op, {"x": x[:, :, 0]}, attrs={"axis": -1, "keepdims": 0}, opset=12)
 
 
 def test_argmax_float_values() -> None:

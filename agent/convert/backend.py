@@ -42,7 +42,7 @@ def specialise(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[onn
         and 0 not in data_positions.get(name, {0})
         and name not in {o.name for o in model.graph.output}
     }
-    if len(fold) == len(feed):
+    if fold and len(fold) == len(feed):
         # Keep one run-time input (the largest): a model needs one, and it is the data.
         fold.discard(max(feed, key=lambda n: feed[n].size))
     if not fold:

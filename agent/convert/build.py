@@ -73,6 +73,8 @@ def convert(
     model = load_model(source)
     say("analysing the graph with onnxruntime")
     graph = analyze(model, batched=batched, input_data=warmup_data)
+    if not graph.inputs:
+        raise ConversionRefused("the model has no inputs: it computes a constant, which needs no serving")
     from agent.convert.passes import prepare
 
     say("preparing the graph")

@@ -56,12 +56,18 @@ typedef struct {
 static int32_t bcast_init(bcast_t *b, const ea_tensor_t *out, const ea_tensor_t *const *in, int32_t n_in) {
   int32_t r = out->rank;
   int32_t cstride[3][EA_MAX_RANK];
+  int32_t rank[3] = {0, 0, 0}, skip[3] = {0, 0, 0};
   for (int32_t k = 0; k < n_in; k++) {
-    if (in[k]->rank > r) return EA_ERR_INTERNAL;
+    /* An operand of higher rank than the output whose extra leading axes are all 1 (a rank-0
+     * constant stored as shape (1,), say) broadcasts as the output-rank tail of itself. */
+    skip[k] = in[k]->rank > r ? in[k]->rank - r : 0;
+    for (int32_t j = 0; j < skip[k]; j++)
+      if (in[k]->dims[j] != 1) return EA_ERR_INTERNAL;
+    rank[k] = in[k]->rank - skip[k];
     int32_t s = 1;
-    for (int32_t j = in[k]->rank - 1; j >= 0; j--) {
+    for (int32_t j = rank[k] - 1; j >= 0; j--) {
       cstride[k][j] = s;
-      s *= in[k]->dims[j];
+      s *= in[k]->dims[skip[k] + j];
     }
   }
   b->rank = 0;
@@ -69,8 +75,8 @@ static int32_t bcast_init(bcast_t *b, const ea_tensor_t *out, const ea_tensor_t 
     int32_t od = out->dims[i];
     int32_t st[3];
     for (int32_t k = 0; k < n_in; k++) {
-      int32_t j = i - (r - in[k]->rank);
-      int32_t d = j < 0 ? 1 : in[k]->dims[j];
+      int32_t j = i - (r - rank[k]);
+      int32_t d = j < 0 ? 1 : in[k]->dims[skip[k] + j];
       if (d == od && j >= 0) st[k] = cstride[k][j];
       else if (d == 1) st[k] = 0;
       else return EA_ERR_INTERNAL;

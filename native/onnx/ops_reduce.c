@@ -464,6 +464,8 @@ static int32_t op_softmax(const ea_op_t *op) {
 DEF_ARG(float, f32)
 DEF_ARG(int32_t, i32)
 DEF_ARG(int64_t, i64)
+DEF_ARG(uint8_t, u8)
+DEF_ARG(int8_t, i8)
 
 static int32_t op_arg(const ea_op_t *op) {
   const ea_tensor_t *x = op->in[0];
@@ -478,6 +480,8 @@ static int32_t op_arg(const ea_op_t *op) {
   case EA_F32: arg_f32(x->data, y->data, outer, n, inner, op->iattr[1], op->iattr[2]); return EA_OK;
   case EA_I32: arg_i32(x->data, y->data, outer, n, inner, op->iattr[1], op->iattr[2]); return EA_OK;
   case EA_I64: arg_i64(x->data, y->data, outer, n, inner, op->iattr[1], op->iattr[2]); return EA_OK;
+  case EA_U8: arg_u8(x->data, y->data, outer, n, inner, op->iattr[1], op->iattr[2]); return EA_OK;
+  case EA_I8: arg_i8(x->data, y->data, outer, n, inner, op->iattr[1], op->iattr[2]); return EA_OK;
   default: return EA_ERR_INTERNAL;
   }
 }

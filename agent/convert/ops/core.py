@@ -62,3 +62,11 @@ def lower_constant_of_shape(node: Node, lw: Lowerer) -> None:
     scalar = np.zeros((), dtype=np.float32) if fill is None else np.asarray(fill).reshape(-1)[:1].reshape(())
     scalar = scalar.astype(out.dtype)
     lw.emit(FILL, [lw.const(scalar, f"{node.name}.value")], [lw.output(node, 0)])
+
+
+@lowering("Constant", "Shape", "Size")
+def lower_folded(node: Node, lw: Lowerer) -> None:
+    # The analysis folds these: their outputs are constants, or shape arithmetic on the batch
+    # size that the ops reading it take from the analysed shapes. Reaching here means a value
+    # the analysis could not fold, which has no kernel.
+    raise Unsupported(f"{node.op_type} must fold at build time; its output is needed as run-time data")

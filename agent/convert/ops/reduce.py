@@ -37,6 +37,8 @@ KINDS = {
 }
 F32 = np.dtype(np.float32)
 INTS = (np.dtype(np.int32), np.dtype(np.int64))
+# ArgMax/ArgMin also take 8-bit integers (quantized models: ArgMax after QLinearSoftmax).
+ARG_TYPES = (F32, *INTS, np.dtype(np.uint8), np.dtype(np.int8))
 # Element types each reduction takes besides float32.
 INT_REDUCTIONS = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceSumSquare"}
 BOOL_REDUCTIONS = {"ReduceMax", "ReduceMin"}
@@ -125,7 +127,7 @@ def lower_softmax(node: Node, lw: Lowerer) -> None:
 def lower_arg(node: Node, lw: Lowerer) -> None:
     x = lw.value(node.inputs[0])
     rank = len(x.shape)
-    if x.dtype != F32 and x.dtype not in INTS:
+    if x.dtype not in ARG_TYPES:
         raise Unsupported(f"input element type {x.dtype} is not supported")
     if rank == 0:
         raise Unsupported("input is a scalar")
