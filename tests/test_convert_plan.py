@@ -306,6 +306,13 @@ def test_abi_v2_module_reports_its_max_batch_only_after_init() -> None:
         runner().run(converted, {"x": np.ones((1, 4), np.float32)})
 
 
+def test_a_model_json_that_says_abi_v1_for_the_v2_module_is_refused() -> None:
+    converted = convert(cast_reshape_model(), name="t", version="1")
+    converted.doc["abi_version"] = 1
+    with pytest.raises(ModelError, match=r"module reports ABI version 2, model\.json says 1"):
+        runner().run(converted, {"x": np.ones((1, 4), np.float32)})
+
+
 def test_value_shapes_scale_with_the_batch() -> None:
     value = Value("v", np.dtype(np.float32), (3, 5), batched=True)
     assert value.shape_at(4) == (12, 5) and value.nbytes_at(2) == 6 * 5 * 4

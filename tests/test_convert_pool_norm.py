@@ -101,6 +101,52 @@ def test_pool_wide_rows_take_the_simd_paths() -> None:
             check_node(op, {"x": x}, attrs=attrs, opset=19 if op == "AveragePool" else 12)
 
 
+# The float MaxPool fast path (2-D or 1-D, no dilation, kernel width 2 or 3, stride width 1 or 2;
+# 2x2 stride 2 inside the input straight from the rows): every edge of it against onnxruntime.
+FAST_MAXPOOL: list[dict[str, Any]] = [
+    {"kernel_shape": [2, 2], "strides": [2, 2]},
+    {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1},
+    {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 0, 0]},
+    {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 1, 1]},
+    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
+    {"kernel_shape": [3, 3], "strides": [2, 2]},
+    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [0, 2, 2, 0]},
+    {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]},
+    {"kernel_shape": [2, 2], "strides": [1, 1]},
+    {"kernel_shape": [5, 3], "strides": [3, 2], "pads": [2, 1, 2, 1]},
+    {"kernel_shape": [1, 2], "strides": [1, 2]},
+    {"kernel_shape": [3, 2], "strides": [2, 1], "auto_pad": "SAME_UPPER"},
+]
+
+
+@pytest.mark.parametrize("attrs", FAST_MAXPOOL, ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items()))
+def test_maxpool_fast_path(attrs: dict[str, Any]) -> None:
+    for seed, (h, w) in enumerate([(8, 8), (9, 9), (4, 17), (3, 2), (2, 3), (1, 5), (7, 16), (5, 33), (6, 1)]):
+        k = attrs["kernel_shape"]
+        pads = attrs.get("pads", [0, 0, 0, 0])
+        if h + pads[0] + pads[2] < k[0] or w + pads[1] + pads[3] < k[1]:
+            continue  # the window does not fit
+        x = np.round(rand((2, 3, h, w), seed, scale=2.0))  # ties
+        check_node("MaxPool", {"x": x}, attrs=attrs, opset=12)
+
+
+def test_maxpool_fast_path_1d_and_batched() -> None:
+    x = np.round(rand((2, 3, 21), 7, scale=2.0))
+    for attrs in (
+        {"kernel_shape": [2], "strides": [2]},
+        {"kernel_shape": [3], "strides": [2], "pads": [1, 1]},
+        {"kernel_shape": [3], "strides": [1], "pads": [1, 1]},
+    ):
+        check_node("MaxPool", {"x": x}, attrs=attrs, opset=12)
+    # The digits CNN's pool: [N, 8, 8, 8], 2x2 stride 2, at run-time batch sizes.
+    model = node_model(
+        "MaxPool", {"x": rand((1, 8, 8, 8), 8)}, attrs={"kernel_shape": [2, 2], "strides": [2, 2]}, batch=True
+    )
+    for rows in (1, 5, 32):
+        assert_matches(model, {"x": rand((rows, 8, 8, 8), 9 + rows)}, batch=True)
+
+
 def test_pool_opset_variants() -> None:
     x = rand((1, 3, 8, 9), 5)
     check_node("MaxPool", {"x": x}, attrs={"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, opset=7)

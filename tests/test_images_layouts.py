@@ -178,12 +178,12 @@ def test_layout_with_an_unknown_abi_version_is_refused(tmp_path: Path, keys: dic
     case = Refusal(tmp_path, keys)
     model = case.model()
     meta = json.loads((model / "model.json").read_text())
-    meta["abi_version"] = 2
+    meta["abi_version"] = 3
     built = build_image(
         tmp_path / "abi2", json.dumps(meta).encode(), model / "model.wasm", model / "weights.safetensors", "2"
     )
     sign_layout(tmp_path / "abi2", None, keys["release"].private_key, IDENTITY)
-    case.refuse(tmp_path / "abi2", built.manifest.digest, "ABI version 2")
+    case.refuse(tmp_path / "abi2", built.manifest.digest, "ABI version 3")
 
 
 def test_layout_with_wrong_weights_for_its_model_json_is_refused(tmp_path: Path, keys: dict[str, KeyPair]) -> None:

@@ -243,14 +243,14 @@ def test_oversized_manifest_is_refused(tmp_path: Path, registry: Registry, keys:
 def test_unknown_abi_version_is_refused_before_any_large_blob(node: Node, tmp_path: Path) -> None:
     model = make_scale_model(tmp_path / "abi2", name="guard", version="2")
     meta = json.loads((model / "model.json").read_text())
-    meta["abi_version"] = 2
+    meta["abi_version"] = 3  # 1 and 2 exist; 3 is a future version
     layout = tmp_path / "abi2-layout"
     built = build_image(layout, json.dumps(meta).encode(), model / "model.wasm", model / "weights.safetensors", "2")
     ref = f"{node.reg.host}/models/abi2:2"
     push_layout(OciLayout(layout), "2", ref, node.publisher.registry_settings())
     sign_image(ref, node.keys["release"].private_key, node.publisher.registry_settings())
     error = node.pull(ref)
-    node.assert_nothing_admitted(error, built.manifest.digest, "ABI version 2")
+    node.assert_nothing_admitted(error, built.manifest.digest, "ABI version 3")
 
 
 # -- a serving agent ------------------------------------------------------------------------------

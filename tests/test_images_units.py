@@ -257,7 +257,7 @@ def test_build_is_reproducible_and_readable(tmp_path: Path) -> None:
 def test_build_refuses_a_bad_model(tmp_path: Path) -> None:
     model = make_scale_model(tmp_path / "m")
     meta = json.loads((model / "model.json").read_text())
-    meta["abi_version"] = 2
+    meta["abi_version"] = 3
     (model / "model.json").write_text(json.dumps(meta))
     with pytest.raises(InvalidModel, match="ABI version"):
         build_from_dir(model, tmp_path / "layout")

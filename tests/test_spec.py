@@ -47,7 +47,7 @@ def mutate(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         ("schema", "other/v9", "schema must be"),
         ("name", "Bad Name!", "model name"),
         ("version", "", "non-empty string 'version'"),
-        ("abi_version", 2, "needs ABI version 2"),
+        ("abi_version", 3, "needs ABI version 3"),
         ("max_batch", 0, "max_batch"),
         ("inputs", [], "at least one input"),
         ("inputs.0.datatype", "STRING", "not one of"),

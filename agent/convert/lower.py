@@ -116,7 +116,7 @@ class Lowerer:
 
     def const(self, array: np.ndarray, name: str) -> int:
         """A parameter tensor holding ``array`` (weights, packed weights, lookup tables)."""
-        array = np.ascontiguousarray(array)
+        array = np.require(array, requirements="C")  # np.ascontiguousarray would make a 0-d array 1-d
         if array.dtype == np.float64:
             array = array.astype(np.float32)
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "param"

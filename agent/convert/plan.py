@@ -71,7 +71,7 @@ class Plan:
         return len(self.tensors) - 1
 
     def add_param(self, name: str, array: np.ndarray) -> int:
-        self.params.append((name, np.ascontiguousarray(array)))
+        self.params.append((name, np.require(array, requirements="C")))
         return len(self.params)  # parameter index (0 is the plan)
 
     def tensors_ids(self) -> range:

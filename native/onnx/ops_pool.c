@@ -108,6 +108,129 @@ static void row_lp(float *acc, const float *src, int32_t n, int32_t s, float p) 
   }
 }
 
+/* ---- MaxPool fast path: float32, 2-D (or 1-D), no dilation, kernel width 2 or 3, stride width 1 or 2 ----
+ * (2x2 stride 2 and 3x3 stride 2 pad 1 in CNNs.) Per output row, the rows of the window are
+ * max-reduced into a row buffer t (columns shifted by the begin pad, -FLT_MAX where the window
+ * reaches into the padding), then each output is the max of kw neighbours of t: even/odd lanes
+ * of two vectors for stride 2. The accumulator starts at -FLT_MAX and takes pmax (a < b ? b : a)
+ * as the generic path does, so both give the same results (NaN inputs ignored). */
+#define FAST_ROW_MAX 2048 /* floats of t, on the stack */
+
+/* t[i] = max(-FLT_MAX, rows[0][i], ..., rows[m-1][i]) for i < n. */
+static void fast_vmax(float *t, const float *const *rows, int32_t m, int32_t n) {
+  const v128_t lowest = wasm_f32x4_splat(-FLT_MAX);
+  int32_t i = 0;
+  if (m == 2) {
+    const float *r0 = rows[0], *r1 = rows[1];
+    for (; i + 4 <= n; i += 4)
+      wasm_v128_store(t + i, wasm_f32x4_pmax(wasm_f32x4_pmax(lowest, wasm_v128_load(r0 + i)), wasm_v128_load(r1 + i)));
+  } else if (m == 3) {
+    const float *r0 = rows[0], *r1 = rows[1], *r2 = rows[2];
+    for (; i + 4 <= n; i += 4) {
+      v128_t v = wasm_f32x4_pmax(wasm_f32x4_pmax(lowest, wasm_v128_load(r0 + i)), wasm_v128_load(r1 + i));
+      wasm_v128_store(t + i, wasm_f32x4_pmax(v, wasm_v128_load(r2 + i)));
+    }
+  } else {
+    for (; i + 4 <= n; i += 4) {
+      v128_t v = lowest;
+      for (int32_t r = 0; r < m; r++) v = wasm_f32x4_pmax(v, wasm_v128_load(rows[r] + i));
+      wasm_v128_store(t + i, v);
+    }
+  }
+  for (; i < n; i++) {
+    float v = -FLT_MAX;
+    for (int32_t r = 0; r < m; r++) v = rows[r][i] > v ? rows[r][i] : v;
+    t[i] = v;
+  }
+}
+
+/* y[o] = max(t[o * s + j], j < k) for o < n; t holds s * (n - 1) + k + 8 floats. */
+static void fast_hmax(float *y, const float *t, int32_t n, int32_t k, int32_t s) {
+  int32_t o = 0;
+  if (s == 2) {
+    v128_t a = wasm_v128_load(t);
+    for (; o + 4 <= n; o += 4) {
+      v128_t b = wasm_v128_load(t + 2 * o + 4), c = wasm_v128_load(t + 2 * o + 8);
+      v128_t even = wasm_i32x4_shuffle(a, b, 0, 2, 4, 6), odd = wasm_i32x4_shuffle(a, b, 1, 3, 5, 7);
+      v128_t m = wasm_f32x4_pmax(even, odd);
+      if (k == 3) m = wasm_f32x4_pmax(m, wasm_i32x4_shuffle(even, c, 1, 2, 3, 4));
+      wasm_v128_store(y + o, m);
+      a = c;
+    }
+  } else {
+    for (; o + 4 <= n; o += 4) {
+      v128_t m = wasm_f32x4_pmax(wasm_v128_load(t + o), wasm_v128_load(t + o + 1));
+      if (k == 3) m = wasm_f32x4_pmax(m, wasm_v128_load(t + o + 2));
+      wasm_v128_store(y + o, m);
+    }
+  }
+  for (; o < n; o++) {
+    const float *w = t + o * s;
+    float m = w[1] > w[0] ? w[1] : w[0];
+    if (k == 3) m = w[2] > m ? w[2] : m;
+    y[o] = m;
+  }
+}
+
+/* 2x2 stride 2 windows wholly inside the input: straight from the two input rows. */
+static void fast_2x2(float *y, const float *r0, const float *r1, int32_t n) {
+  const v128_t lowest = wasm_f32x4_splat(-FLT_MAX);
+  int32_t o = 0;
+  for (; o + 4 <= n; o += 4) {
+    v128_t a = wasm_f32x4_pmax(wasm_f32x4_pmax(lowest, wasm_v128_load(r0 + 2 * o)), wasm_v128_load(r1 + 2 * o));
+    v128_t b = wasm_f32x4_pmax(wasm_f32x4_pmax(lowest, wasm_v128_load(r0 + 2 * o + 4)), wasm_v128_load(r1 + 2 * o + 4));
+    wasm_v128_store(y + o, wasm_f32x4_pmax(wasm_i32x4_shuffle(a, b, 0, 2, 4, 6), wasm_i32x4_shuffle(a, b, 1, 3, 5, 7)));
+  }
+  for (; o < n; o++) {
+    float m = -FLT_MAX;
+    m = r0[2 * o] > m ? r0[2 * o] : m;
+    m = r0[2 * o + 1] > m ? r0[2 * o + 1] : m;
+    m = r1[2 * o] > m ? r1[2 * o] : m;
+    y[o] = r1[2 * o + 1] > m ? r1[2 * o + 1] : m;
+  }
+}
+
+/* Returns 0 when the case is not the fast path's (the generic path runs). */
+static int32_t maxpool_fast(const ea_tensor_t *x, ea_tensor_t *y, const int32_t *in, const int32_t *out,
+                            const int32_t *k, const int32_t *s, const int32_t *d, const int32_t *pb) {
+  if (in[0] != 1 || out[0] != 1 || k[0] != 1 || pb[0] != 0 || d[1] != 1 || d[2] != 1) return 0;
+  if ((k[2] != 2 && k[2] != 3) || (s[2] != 1 && s[2] != 2) || k[1] > 16) return 0;
+  int32_t tlen = s[2] * (out[2] - 1) + k[2] + 8;
+  if (tlen > FAST_ROW_MAX) return 0;
+  float t[FAST_ROW_MAX];
+  /* Columns c in [c0, c1) of the input land in t at c + pb[2]; the rest of t stays -FLT_MAX. */
+  int32_t c0 = EA_MAX(0, -pb[2]), c1 = EA_MIN(in[2], tlen - 8 - pb[2]);
+  for (int32_t i = 0; i < tlen; i++) t[i] = -FLT_MAX;
+  int32_t planes = x->dims[0] * x->dims[1], in_plane = in[1] * in[2], out_plane = out[1] * out[2];
+  if (k[1] == 2 && k[2] == 2 && s[1] == 2 && s[2] == 2 && pb[1] == 0 && pb[2] == 0 && 2 * out[1] <= in[1] &&
+      2 * out[2] <= in[2]) {
+    /* With an even height the planes' row pairs follow one another: one loop over all of them. */
+    int32_t n_planes = in[1] == 2 * out[1] ? 1 : planes, n_rows = in[1] == 2 * out[1] ? planes * out[1] : out[1];
+    for (int32_t pl = 0; pl < n_planes; pl++) {
+      const float *xp = (const float *)x->data + (size_t)pl * in_plane;
+      float *yp = (float *)y->data + (size_t)pl * out_plane;
+      for (int32_t oh = 0; oh < n_rows; oh++)
+        fast_2x2(yp + (size_t)oh * out[2], xp + (size_t)(2 * oh) * in[2], xp + (size_t)(2 * oh + 1) * in[2], out[2]);
+    }
+    return 1;
+  }
+  const float *rows[16];
+  for (int32_t pl = 0; pl < planes; pl++) {
+    const float *xp = (const float *)x->data + (size_t)pl * in_plane;
+    float *yp = (float *)y->data + (size_t)pl * out_plane;
+    for (int32_t oh = 0; oh < out[1]; oh++) {
+      int32_t m = 0;
+      for (int32_t jh = 0; jh < k[1]; jh++) {
+        int32_t ih = oh * s[1] - pb[1] + jh;
+        if (ih >= 0 && ih < in[1]) rows[m++] = xp + (size_t)ih * in[2] + c0;
+      }
+      if (c1 > c0) fast_vmax(t + c0 + pb[2], rows, m, c1 - c0);
+      fast_hmax(yp + (size_t)oh * out[2], t, out[2], k[2], s[2]);
+    }
+  }
+  return 1;
+}
+
 static int32_t op_pool(const ea_op_t *op) {
   const ea_tensor_t *x = op->in[0];
   ea_tensor_t *y = op->out[0];
@@ -122,6 +245,7 @@ static int32_t op_pool(const ea_op_t *op) {
   int32_t planes = x->dims[0] * x->dims[1];
   int32_t in_plane = in[0] * in[1] * in[2], out_plane = out[0] * out[1] * out[2];
   if (planes == 0 || out_plane == 0) return EA_OK;
+  if (kind == KIND_MAX && x->dtype == EA_F32 && maxpool_fast(x, y, in, out, k, s, d, pb)) return EA_OK;
 
   /* Per output index along D and H: the taps inside the input; along W: per tap, the outputs it reaches. */
   uint32_t n_taps = (uint32_t)(out[0] + out[1] + out[2]);
