@@ -144,6 +144,20 @@ def _open_dir(directory: Path) -> int:
         raise InvalidModel(f"cannot read {directory}: {exc.strerror or exc}") from exc
 
 
+def read_bounded_file(path: Path, limit: int) -> bytes:
+    """One whole regular file by the model-directory rules: no link followed, no FIFO or device
+    opened, refused from its size alone when over ``limit`` (the converter reads ONNX and
+    MLflow files this way)."""
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InvalidModel(f"cannot read {path.parent}: {exc.strerror or exc}") from exc
+    try:
+        return _read_regular(dir_fd, path.parent, path.name, limit, f"{path} does not exist")
+    finally:
+        os.close(dir_fd)
+
+
 def _read_regular(dir_fd: int, directory: Path, name: str, limit: int, missing: str) -> bytes:
     """A whole regular file of the directory, refused from its size alone when over ``limit``."""
     path = directory / name

@@ -59,6 +59,7 @@ def node_model(
     domain: str = "",
     batch: bool = False,
     output_types: Mapping[str, int] | None = None,
+    domain_opset: int | None = None,
 ) -> onnx.ModelProto:
     """A model of one ``op_type`` node. ``inputs`` are graph inputs (their arrays give dtype and shape);
     ``initializers`` are constant inputs, listed after them in the node's input order as given by
@@ -82,7 +83,8 @@ def node_model(
     )
     opsets = [helper.make_opsetid("", opset)]
     if domain:
-        opsets.append(helper.make_opsetid(domain, 1 if domain == "ai.onnx.ml" else opset))
+        default = 1 if domain == "ai.onnx.ml" else opset
+        opsets.append(helper.make_opsetid(domain, domain_opset if domain_opset is not None else default))
     graph = helper.make_graph([node], f"{op_type}_test", graph_inputs, graph_outputs, inits)
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8

@@ -19,7 +19,7 @@ import convert_models as cm
 import numpy as np
 import onnx
 import pytest
-from convert_testkit import NP_TO_ONNX, assert_matches, convert_model, ort_run, run_converted
+from convert_testkit import assert_matches, convert_model, node_model, ort_run, run_converted
 from onnx import helper, numpy_helper
 
 from agent.convert.build import convert
@@ -45,20 +45,16 @@ def ml_model(
     initializers: Mapping[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """A model of one ai.onnx.ml node (``batch``: dim 0 of every input is "N")."""
-    graph_inputs = []
-    for name, array in inputs.items():
-        shape: list[Any] = list(array.shape)
-        if batch and shape:
-            shape[0] = "N"
-        graph_inputs.append(helper.make_tensor_value_info(name, NP_TO_ONNX[np.dtype(array.dtype)], shape))
-    inits = [numpy_helper.from_array(np.asarray(a), n) for n, a in (initializers or {}).items()]
-    node = helper.make_node(op_type, [*inputs, *(initializers or {})], list(outputs), domain=ML, **dict(attrs))
-    graph = helper.make_graph(
-        [node], f"{op_type}_test", graph_inputs, [onnx.ValueInfoProto(name=o) for o in outputs], inits
+    return node_model(
+        op_type,
+        inputs,
+        outputs,
+        attrs=attrs,
+        initializers=initializers,
+        domain=ML,
+        domain_opset=ml_opset,
+        batch=batch,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ML, ml_opset)])
-    model.ir_version = 8
-    return model
 
 
 def check_ml(

@@ -14,13 +14,12 @@ when loaded) only when the caller says it trusts it. The skops format, MLflow
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConversionRefused
+from agent.artefacts import read_bounded_file
+from agent.errors import ConversionRefused, InvalidModel
 
 MLMODEL = "MLmodel"
 MAX_MLMODEL_BYTES = 1 << 20
@@ -38,35 +37,11 @@ class Source:
 
 
 def read_regular(path: Path, limit: int) -> bytes:
-    """A regular file's bytes, refusing links, special files and files over ``limit``."""
+    """A regular file's bytes (agent.artefacts' rules: no link, no special file, bounded size)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError as exc:
-        raise ConversionRefused(f"{path} does not exist") from exc
-    except OSError as exc:
-        if os.path.islink(path):
-            raise ConversionRefused(f"{path} is a symbolic link; give the file itself") from exc
-        raise ConversionRefused(f"{path} cannot be read: {exc.strerror}") from exc
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConversionRefused(f"{path} is not a regular file")
-        if info.st_size > limit:
-            raise ConversionRefused(f"{path} is {info.st_size} bytes, over the limit of {limit}")
-        chunks = []
-        remaining = limit + 1
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > limit:
-            raise ConversionRefused(f"{path} grew past the limit of {limit} bytes while being read")
-        return data
-    finally:
-        os.close(fd)
+        return read_bounded_file(path, limit)
+    except InvalidModel as exc:
+        raise ConversionRefused(str(exc)) from exc
 
 
 def default_name(stem: str) -> str:
