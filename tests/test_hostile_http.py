@@ -97,6 +97,7 @@ def server_side(agent: Any, client: socket.socket) -> dict[str, Any] | None:
                     "write_buffer": transport.get_write_buffer_size(),
                     "reading": transport.is_reading(),
                     "pending": len(conn.pending),
+                    "write_paused": conn._write_paused,
                 }
         return None
 
@@ -202,6 +203,35 @@ def send_until_stalled(sock: socket.socket, data: bytes, stall_s: float = 1.0) -
     return sent
 
 
+def send_until_the_server_holds_back(agent: Any, sock: socket.socket, data: bytes) -> int:
+    """Send ``data`` until the server has stopped answering this connection because the client
+    does not read (writing paused) and so stopped reading it too.
+
+    Decided by the server's own state, not by how long a send blocks: on a loaded machine a
+    server that is merely slow would pass for one that holds back, the client would stop
+    mid-request with the server still able to answer everything, and the half-sent head would
+    then (rightly) time out.
+    """
+    sock.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < deadline:
+        if sent < len(data):
+            try:
+                sent += sock.send(data[sent : sent + 65536])
+                continue
+            except BlockingIOError:
+                pass
+        # Everything sent (the kernel's buffers may take it all), or the socket is full.
+        view = server_side(agent, sock)
+        assert view is not None, "the server dropped the connection"
+        if view["write_paused"] and not view["reading"]:
+            break
+        time.sleep(0.01)
+    sock.setblocking(True)
+    return sent
+
+
 def settled(agent: Any, sock: socket.socket) -> dict[str, Any]:
     """The server's view of the connection once it stops changing."""
     previous, stable = None, 0
@@ -224,7 +254,7 @@ def test_pipelining_client_that_never_reads_is_paused_and_others_are_served(make
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(address(agent))
-        send_until_stalled(sock, burst)
+        send_until_the_server_holds_back(agent, sock, burst)
         view = settled(agent, sock)
         # the server stopped reading this connection and holds at most about one
         # high-water mark of output for it, not every response to the burst
