@@ -30,6 +30,7 @@ from agent.models import ModelManager, Route
 from agent.repository import ModelRepository
 from agent.runtime import LoadSettings, WasmRuntime
 from agent.server.http import HttpServer
+from agent.server.inference import InferenceCore
 from agent.server.oip import InferenceAPI
 from agent.state import StateDB
 
@@ -85,11 +86,16 @@ class Agent:
             on_replace=self._instance_replaced,
         )
         self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="infer")
+        self.inference = InferenceCore(
+            models=self.models,
+            metrics=self.metrics,
+            executor=self.executor,
+            inline_threshold_us=config.inline_threshold_us,
+        )
         self.api = InferenceAPI(
-            self.models,
-            self.metrics,
-            self.executor,
-            config.inline_threshold_us,
+            models=self.models,
+            metrics=self.metrics,
+            core=self.inference,
             is_ready=lambda: self.started and not self.stopping,
             extra_routes=self._extra_routes,
         )

@@ -1,47 +1,34 @@
 """The Open Inference Protocol v2 REST API (as KServe and Triton speak it).
 
-Routes are matched on exact path segments. Inference of a model whose
-measured compute time is under ``inline_threshold_us`` runs on the event loop
-when an instance is idle — a thread hop costs more than such a model — and
-everything else runs on the worker pool so the loop keeps serving.
-
-What a model measured as fast does with other inputs is unknown (a loop bound
-may come from an input), so an inline call runs under ``INLINE_BUDGET_MS``,
-not the model's timeout. A call that overruns it is cut off, the version is
-served by workers from then on, and the request is re-run there with the full
-timeout: a model is a pure function of its inputs (docs/MODEL_ABI.md), so the
-client gets the answer it would have got. Nothing a request sends can hold
-the loop — liveness, other models, the systemd watchdog — for longer than
-the budget plus one epoch tick.
+Routes are matched on exact path segments. Inference decodes the request,
+checks it against the model, and runs it through the shared
+:class:`~agent.server.inference.InferenceCore` (which decides between the
+event loop and the worker pool); the answer is returned at once when the call
+ran inline, so a fast model's request never becomes a task.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
-import structlog
 
 from agent import __version__
-from agent.errors import AgentError, BadRequest, ModelError
+from agent.errors import AgentError, BadRequest
 from agent.server.http import Request, Response
+from agent.server.inference import InferenceCore
 from agent.server.tensors import decode_inputs, encode_outputs, requested_outputs
+from agent.spec import TensorSpec
 
 if TYPE_CHECKING:
     from agent.metrics import Metrics
     from agent.models import ModelManager
     from agent.runtime import LoadedModel
 
-log = structlog.get_logger("edge_agent.api")
 EXTENSIONS = ["model_repository", "metrics"]
-# How long one inline call may hold the event loop (rounded up to the epoch tick, 1 ms).
-INLINE_BUDGET_MS = 2.0
 
 Handler = Callable[..., "Response | Awaitable[Response]"]
 
@@ -49,22 +36,18 @@ Handler = Callable[..., "Response | Awaitable[Response]"]
 class InferenceAPI:
     def __init__(
         self,
+        *,
         models: ModelManager,
         metrics: Metrics,
-        executor: Executor,
-        inline_threshold_us: float,
+        core: InferenceCore,
         is_ready: Callable[[], bool],
         extra_routes: Callable[[Request, list[str]], Response | Awaitable[Response] | None] | None = None,
-        inline_budget_ms: float = INLINE_BUDGET_MS,
     ):
         self.models = models
         self.metrics = metrics
-        self.executor = executor
-        self.inline_threshold_us = inline_threshold_us
-        self.inline_budget_ms = inline_budget_ms
+        self.core = core
         self.is_ready = is_ready
         self.extra_routes = extra_routes
-        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def __call__(self, request: Request) -> Response | Awaitable[Response]:
         parts = [p for p in request.path.split("/") if p]
@@ -146,94 +129,30 @@ class InferenceAPI:
         outputs_wanted = requested_outputs(doc, loaded.spec)
         arrays, batch = loaded.prepare(tensors)
         request_id = doc.get("id")
-        pool = loaded.pool
-        if pool.inline_allowed and pool.ewma_us <= self.inline_threshold_us and batch <= loaded.spec.max_batch:
-            instance = pool.try_acquire()
-            if instance is not None:
-                loaded.inflight += 1
-                try:
-                    outputs = pool.run_inline(instance, arrays, batch, self.inline_budget_ms)
-                except ModelError as exc:
-                    self._replace_off_loop(loaded, str(exc))
-                    return self._failed(loaded, exc)
-                finally:
-                    loaded.inflight -= 1
-                if outputs is not None:
-                    return self._respond(loaded, outputs, outputs_wanted, request_id, start)
-                reason = f"a call overran the event loop's {self.inline_budget_ms:g} ms budget"
-                log.warning("model moved off the event loop", model=loaded.name, version=loaded.version, reason=reason)
-                self._replace_off_loop(loaded, reason)
-                loaded.inflight += 1  # counted from here: see _infer_offloop
-                return self._infer_offloop(loaded, arrays, batch, outputs_wanted, request_id, start, rerun=True)
-        # In flight from the moment it picked its version, not from when its task
-        # first runs: a drain that runs in between must wait for it, not close the
-        # version under it. _infer_offloop gives the count back.
-        loaded.inflight += 1
-        return self._infer_offloop(loaded, arrays, batch, outputs_wanted, request_id, start)
+        result = self.core.infer(loaded, arrays, batch)  # an AgentError raised here is answered by __call__
+        if isinstance(result, list):
+            return self._respond(loaded, result, outputs_wanted, request_id, start)
+        return self._respond_later(loaded, result, outputs_wanted, request_id, start)
 
-    def _replace_off_loop(self, loaded: LoadedModel, reason: str) -> None:
-        """Build the replacement of an instance dropped by an inline call on a worker, not the loop."""
-        # RuntimeError: the executor is shut down, the agent is stopping.
-        with contextlib.suppress(RuntimeError):
-            self.executor.submit(loaded.pool.discard, reason)
-
-    async def _infer_offloop(
+    async def _respond_later(
         self,
         loaded: LoadedModel,
-        arrays: list[np.ndarray],
-        batch: int,
-        outputs_wanted: list[Any],
+        pending: Awaitable[list[np.ndarray]],
+        outputs_wanted: list[TensorSpec],
         request_id: Any,
         start: float,
-        rerun: bool = False,
     ) -> Response:
-        """``rerun``: the request's inline call overran its budget (see InstancePool.rerun).
-
-        The caller counted the request in ``loaded.inflight``; this gives it back.
-        """
-        loop = asyncio.get_running_loop()
         try:
-            # The wait for a free instance is bounded too: a pool whose every
-            # instance is stuck must not hold requests forever.
-            wait_s = loaded.pool.timeout_ms / 1000.0 * 4
-            slots = loaded.worker_slots
-            if slots is None:
-                slots = loaded.worker_slots = asyncio.Semaphore(loaded.pool.size)
-            # Requests beyond the pool's size wait here, on the loop, not on a worker
-            # thread: a flood of slow requests to one model cannot take every worker.
-            if slots.locked():
-                try:
-                    async with asyncio.timeout(wait_s):
-                        await slots.acquire()
-                except TimeoutError:
-                    return Response.error(503, f"{loaded.name}:{loaded.version}: no instance free in time")
-            else:
-                await slots.acquire()
-            pool = loaded.pool
-            try:
-                if rerun:
-                    outputs = await loop.run_in_executor(
-                        self.executor, pool.rerun, arrays, batch, wait_s, self.inline_budget_ms
-                    )
-                    if pool.inline_allowed:
-                        log.info("model back on the event loop: its overrun was a scheduling delay", model=loaded.name)
-                else:
-                    outputs = await loop.run_in_executor(self.executor, pool.run, arrays, batch, wait_s)
-            finally:
-                slots.release()
-        except ModelError as exc:
-            return self._failed(loaded, exc)
+            outputs = await pending
         except AgentError as exc:
             return Response.error(exc.http_status, str(exc))
-        finally:
-            loaded.inflight -= 1
         return self._respond(loaded, outputs, outputs_wanted, request_id, start)
 
     def _respond(
         self,
         loaded: LoadedModel,
         outputs: list[np.ndarray],
-        outputs_wanted: list[Any],
+        outputs_wanted: list[TensorSpec],
         request_id: Any,
         start: float,
     ) -> Response:
@@ -242,21 +161,5 @@ class InferenceAPI:
         if request_id is not None:
             body["id"] = request_id
         body["outputs"] = encode_outputs(outputs_wanted, by_name)
-        requests, latency = self._metric_children(loaded)
-        requests.inc()
-        latency.observe(time.perf_counter() - start)
+        self.core.succeeded(loaded, start)
         return Response.json(200, body)
-
-    def _failed(self, loaded: LoadedModel, exc: ModelError) -> Response:
-        kind = "timeout" if exc.http_status == 504 else "trap"
-        self.metrics.errors.labels(loaded.name, loaded.version, kind).inc()
-        log.warning("inference failed", model=loaded.name, version=loaded.version, error=str(exc))
-        return Response.error(exc.http_status, str(exc))
-
-    def _metric_children(self, loaded: LoadedModel) -> tuple[Any, Any]:
-        key = (loaded.name, loaded.version)
-        children = self._children.get(key)
-        if children is None:
-            children = self.metrics.model_children(loaded.name, loaded.version)
-            self._children[key] = children
-        return children
