@@ -6,11 +6,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # System packages the native build, the tests and the benchmarks need.
 APT_PACKAGES := clang lld wasi-libc libclang-rt-14-dev-wasm32 \
-	mosquitto mosquitto-clients docker-registry skopeo wrk systemd apache2-utils
+	mosquitto mosquitto-clients docker-registry skopeo wrk systemd apache2-utils nghttp2-client
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 
-.PHONY: all bootstrap system-deps venv native run test lint bench clean distclean
+.PHONY: all bootstrap system-deps venv native run test lint bench clean distclean grpc-stubs
 
 all: bootstrap
 
@@ -31,6 +31,11 @@ venv: $(VENV)/.installed
 # Rebuilds the wasm kernels and checks they match the committed package data.
 native: $(VENV)/.installed
 	$(MAKE) -s -C native check
+
+# Regenerates agent/server/proto/*_pb2* from inference.proto (grpcio-tools, pinned in the dev extra);
+# tests/test_grpc.py checks the committed files are what this makes.
+grpc-stubs: $(VENV)/.installed
+	$(BIN)/python scripts/gen_grpc.py
 
 run: bootstrap
 	$(BIN)/edge-agent run $(RUN_ARGS)

@@ -26,6 +26,8 @@ Nothing here imports ``runtime/`` or ``images/``: both sit above it.
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import stat
 from collections.abc import Mapping
@@ -54,6 +56,7 @@ MAX_WEIGHTS_BYTES = 4 * 1024**3
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # safetensors' dtype names for the NumPy dtypes a full parse returns, so both checks word a mismatch alike.
 _SAFETENSORS_NAME = {DATATYPES[k].str: SAFETENSORS_DTYPES[k] for k in DATATYPES}
+_NUMPY_DTYPE = {SAFETENSORS_DTYPES[k]: DATATYPES[k] for k in DATATYPES}
 
 
 class StoredVersion(Protocol):
@@ -248,6 +251,68 @@ def parse_weights(spec: ModelSpec, data: bytes) -> dict[str, np.ndarray]:
     return tensors
 
 
+def map_weights(spec: ModelSpec, data: memoryview) -> dict[str, np.ndarray]:
+    """:func:`parse_weights` over a mapped blob: the arrays are read-only views of ``data``, not copies.
+
+    The safetensors layout is read here (8-byte little-endian header length, JSON header,
+    then the tensors' bytes), with the library's rules: each tensor's byte range holds exactly
+    its dtype times its shape, and the ranges tile the data section with no gap, overlap or tail.
+    """
+
+    def bad(why: str) -> InvalidModel:
+        return InvalidModel(f"{label(spec)}: weights are not valid safetensors: {why}")
+
+    size = len(data)
+    if size < 8:
+        raise bad("shorter than its 8-byte header length")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > size - 8:
+        raise bad(f"header length {header_len} runs past the end of the file ({size} bytes)")
+    try:
+        header = json.loads(bytes(data[8 : 8 + header_len]))
+    except ValueError as exc:
+        raise bad(f"header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    header.pop("__metadata__", None)
+    base = 8 + header_len
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(dtype, str)
+            or not isinstance(shape, list)
+            or not all(type(d) is int and d >= 0 for d in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise bad(f"tensor {name!r} has a malformed header entry")
+        np_dtype = _NUMPY_DTYPE.get(dtype)
+        if np_dtype is not None and offsets[1] - offsets[0] != math.prod(shape) * np_dtype.itemsize:
+            raise bad(f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, {dtype}{shape} needs a different size")
+        found[name] = (dtype, tuple(shape))
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start != end:
+            raise bad(f"tensor {name!r} does not start where the previous one ends")
+        end = stop
+    if base + end != size:
+        raise bad(f"tensor data end at byte {base + end}, the file has {size}")
+    _match_params(spec, found)
+    arrays = {}
+    for start, _stop, name in spans:
+        dtype, shape = found[name]
+        np_dtype = _NUMPY_DTYPE[dtype]
+        arrays[name] = np.frombuffer(data, np_dtype, math.prod(shape), base + start).reshape(shape)
+    return arrays
+
+
 def check_weights_file(spec: ModelSpec, path: Path) -> None:
     """:func:`parse_weights`' rule from the safetensors header alone (a stored blob is never read in full).
 
@@ -299,8 +364,14 @@ def check_version_free(spec: ModelSpec, digests: tuple[str, str, str], existing:
 
 
 # -- a stored version ----------------------------------------------------------------------------
-def read_stored(blobs: BlobStore, record: StoredVersion) -> tuple[ModelSpec, bytes, dict[str, np.ndarray]]:
+def read_stored(
+    blobs: BlobStore, record: StoredVersion, *, module: bool = True
+) -> tuple[ModelSpec, bytes, dict[str, np.ndarray]]:
     """A recorded version's spec, module bytes and parameter arrays, every blob re-hashed as it is read.
+
+    The parameter arrays are read-only views of the weights blob mapped into memory (:func:`map_weights`).
+    ``module=False`` skips the module (b"" in its place): the caller holds its compiled code already,
+    made from bytes that hashed to the same digest.
 
     CorruptBlob/NotFound when a blob does not check out; InvalidModel when the artefacts break a
     rule (a version stored by an older agent was not judged by today's rules). The module's
@@ -309,6 +380,8 @@ def read_stored(blobs: BlobStore, record: StoredVersion) -> tuple[ModelSpec, byt
     spec = ModelSpec.from_bytes(blobs.read_bytes(record.config_digest))
     if (spec.name, spec.version) != (record.model, record.version):
         raise InvalidModel(f"model.json names {label(spec)} but the store records {record.model}:{record.version}")
-    module = blobs.read_bytes(record.module_digest)
-    params = parse_weights(spec, blobs.read_bytes(record.weights_digest))
-    return spec, module, params
+    wasm = blobs.read_bytes(record.module_digest) if module else b""
+    # Mapped, not copied: a version keeps its parameters for every instance it makes later
+    # (cas.map_readonly: the blob is never written in place; the mapping is read-only).
+    params = map_weights(spec, blobs.map_bytes(record.weights_digest))
+    return spec, wasm, params

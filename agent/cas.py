@@ -9,10 +9,13 @@ have, so an interrupted pull can resume where it stopped.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import mmap
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -21,6 +24,42 @@ from agent.errors import CorruptBlob, NotFound
 from agent.fsmodes import PRIVATE_DIR, private_dirs, private_opener
 
 CHUNK = 1 << 20
+
+# mmap(2) through libc: Python's mmap module keeps a duplicate of the file descriptor open for
+# each mapping (until 3.13's trackfd), and a node with thousands of versions would run out of them.
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+_munmap = _libc.munmap
+_munmap.restype = ctypes.c_int
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def map_readonly(path: Path) -> memoryview:
+    """The whole file mapped read-only (PROT_READ, shared with the page cache), as a read-only
+    byte view. The mapping lives as long as the view and anything built on it (NumPy arrays)
+    and is unmapped when the last goes; no file descriptor stays open.
+
+    Only for files that are never written in place: a blob of this store is written to tmp/
+    and renamed, then only read, renamed aside (quarantine) or unlinked, none of which
+    changes a mapping of it (the mapping keeps the inode).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return memoryview(b"")
+        addr = _mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr is None or addr == _MAP_FAILED:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"cannot map {path}: {os.strerror(errno)}")
+    finally:
+        os.close(fd)
+    buffer = (ctypes.c_char * size).from_address(addr)
+    weakref.finalize(buffer, _munmap, addr, size)
+    return memoryview(buffer).cast("B").toreadonly()
 
 
 def sha256_digest(data: bytes) -> str:
@@ -82,10 +121,15 @@ class BlobWriter:
     def digest(self) -> str:
         return "sha256:" + self._hash.hexdigest()
 
-    def commit(self) -> str:
-        """Make the blob visible under its digest; returns the digest."""
+    def commit(self, durable: bool = True) -> str:
+        """Make the blob visible under its digest; returns the digest.
+
+        ``durable=False`` skips the fsyncs: the caller syncs many blobs at once (``os.sync``)
+        before anything records them (a bulk import).
+        """
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        if durable:
+            os.fsync(self._fh.fileno())
         self._fh.close()
         digest = self.digest
         if self.expected is not None and digest != self.expected:
@@ -94,7 +138,8 @@ class BlobWriter:
             raise CorruptBlob(f"blob content hashes to {digest}, expected {self.expected}")
         final = self._store.path(digest)
         os.replace(self.path, final)
-        fsync_dir(final.parent)
+        if durable:
+            fsync_dir(final.parent)
         self._done = True
         return digest
 
@@ -149,7 +194,8 @@ class BlobStore:
     def writer(self, expected: str | None = None, resume: bool = False) -> BlobWriter:
         return BlobWriter(self, expected, resume)
 
-    def put_bytes(self, data: bytes, expected: str | None = None) -> str:
+    def put_bytes(self, data: bytes, expected: str | None = None, durable: bool = True) -> str:
+        """Store ``data`` under its digest (``durable``: see :meth:`BlobWriter.commit`)."""
         digest = sha256_digest(data)
         if expected is not None and digest != expected:
             raise CorruptBlob(f"blob content hashes to {digest}, expected {expected}")
@@ -157,7 +203,7 @@ class BlobStore:
             return digest
         with self.writer() as writer:
             writer.write(data)
-            return writer.commit()
+            return writer.commit(durable)
 
     def put_file(self, src: Path, expected: str | None = None) -> str:
         with open(src, "rb") as fh, self.writer() as writer:
@@ -175,6 +221,19 @@ class BlobStore:
             raise NotFound(f"blob {digest} is not in the store") from exc
         if verify and sha256_digest(data) != digest:
             raise CorruptBlob(f"blob {digest} is corrupt: its content hashes to {sha256_digest(data)}")
+        return data
+
+    def map_bytes(self, digest: str, verify: bool = True) -> memoryview:
+        """The blob mapped read-only (:func:`map_readonly`) rather than copied; with ``verify``,
+        re-hashed through the mapping first, so what is served is what the digest names."""
+        try:
+            data = map_readonly(self.path(digest))
+        except FileNotFoundError as exc:
+            raise NotFound(f"blob {digest} is not in the store") from exc
+        if verify:
+            actual = "sha256:" + hashlib.sha256(data).hexdigest()
+            if actual != digest:
+                raise CorruptBlob(f"blob {digest} is corrupt: its content hashes to {actual}")
         return data
 
     def verify(self, digest: str) -> bool:

@@ -23,6 +23,8 @@ from typing import Any, get_type_hints
 from agent.errors import ConfigError
 
 ENV_PREFIX = "EDGE_AGENT_"
+# What grpc_listen says to serve no gRPC at all.
+GRPC_OFF = ("", "off")
 DEFAULT_CONFIG_FILE = Path("/etc/edge-agent/config.toml")
 
 
@@ -49,11 +51,25 @@ class Config:
 
     state_dir: Path = dataclasses.field(default_factory=default_state_dir)
     listen: str = "127.0.0.1:8080"
+    # The gRPC Open Inference Protocol's own port; "" or "off" switches it off.
+    grpc_listen: str = "127.0.0.1:8081"
+    # PEM files: both set serves gRPC over TLS, neither in plain text (h2c).
+    grpc_tls_cert: Path | None = None
+    grpc_tls_key: Path | None = None
+    # gRPC calls holding work (inference, repository changes, health watches) at once; more get RESOURCE_EXHAUSTED.
+    grpc_max_concurrent_rpcs: int = 256
     node_id: str = dataclasses.field(default_factory=socket.gethostname)
     log_level: str = "info"
     log_format: str = "auto"  # auto: readable on a terminal, JSON otherwise
-    # Pre-instantiated, pre-warmed instances per loaded model version.
+    # The most instances per loaded model version: one is made (and warmed) at load, the
+    # others when concurrent requests need them (all at load with eager_instances).
     pool_size: int = 2
+    eager_instances: bool = False
+    # Live instances across every model of the node (0: no bound); past it, a model that needs
+    # one takes the least recently used idle instance of another, else waits, then 503.
+    max_instances: int = 4096
+    # An instance idle this long is dropped, except each version's last one (0: never).
+    instance_idle_s: float = 600.0
     # Per-request wasm deadline; the model's own hint may only lower it.
     request_timeout_ms: int = 1000
     # Per-instance linear-memory cap; the model's own hint may only lower it.
@@ -89,6 +105,16 @@ class Config:
     @property
     def host_port(self) -> tuple[str, int]:
         return parse_listen(self.listen)
+
+    @property
+    def grpc_host_port(self) -> tuple[str, int] | None:
+        """The gRPC address, or None when gRPC is switched off."""
+        if self.grpc_listen.strip().lower() in GRPC_OFF:
+            return None
+        try:
+            return parse_listen(self.grpc_listen)
+        except ConfigError:
+            raise ConfigError(f"grpc_listen must be HOST:PORT, or off, got {self.grpc_listen!r}") from None
 
     def section(self, name: str) -> dict[str, Any]:
         """The raw ``[name]`` table (file values overlaid by the environment)."""
@@ -149,14 +175,26 @@ class Config:
 
     def validate(self) -> None:
         parse_listen(self.listen)
+        self._validate_grpc()
         for name in ("pool_size", "request_timeout_ms", "memory_limit_mb", "worker_threads", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         self._validate_http_limits()
+        if self.max_instances < 0 or self.instance_idle_s < 0:
+            raise ConfigError(
+                f"max_instances and instance_idle_s must be 0 or more, got {self.max_instances}, {self.instance_idle_s}"
+            )
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError(f"log_format must be auto, json or console, got {self.log_format!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError(f"log_level must be debug, info, warning, error or critical, got {self.log_level!r}")
+
+    def _validate_grpc(self) -> None:
+        self.grpc_host_port  # noqa: B018 - parses, and refuses a bad address
+        if self.grpc_max_concurrent_rpcs < 1:
+            raise ConfigError(f"grpc_max_concurrent_rpcs must be at least 1, got {self.grpc_max_concurrent_rpcs}")
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            raise ConfigError("grpc_tls_cert and grpc_tls_key go together: set both (TLS) or neither (plain text)")
 
     def _validate_http_limits(self) -> None:
         for name in (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -28,11 +29,12 @@ from agent.fsmodes import private_dirs, tighten_tree
 from agent.metrics import Metrics
 from agent.models import ModelManager, Route
 from agent.repository import ModelRepository
-from agent.runtime import LoadSettings, WasmRuntime
+from agent.runtime import InstanceBudget, InstanceReaper, LoadedModel, LoadSettings, WasmRuntime
+from agent.server.batching import parse_batching_config
 from agent.server.http import HttpServer
 from agent.server.inference import InferenceCore
 from agent.server.oip import InferenceAPI
-from agent.state import StateDB
+from agent.state import StateDB, VersionRecord
 
 if TYPE_CHECKING:
     # The optional parts' types only: agent/wiring.py builds them, and importing them
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from agent.lifecycle import Lifecycle
     from agent.mqtt.channel import MqttChannel
     from agent.sdnotify import SystemdNotifier
+    from agent.server.grpc_api import GrpcServer
     from agent.server.repository_api import RepositoryAPI
 
 
@@ -55,6 +58,9 @@ class Service(Protocol):
 
 
 class Agent:
+    # Start-up logs each model it loads up to this many; a node with more gets one summary line.
+    LOG_EACH_LOAD_UP_TO = 50
+
     def __init__(self, config: Config, runtime: WasmRuntime | None = None):
         self.config = config
         self.log = structlog.get_logger("edge_agent").bind(node=config.node_id)
@@ -82,15 +88,20 @@ class Agent:
         self.models = ModelManager(
             self.runtime,
             self.blobs,
-            LoadSettings(config.pool_size, config.memory_limit_mb, config.request_timeout_ms),
+            LoadSettings(config.pool_size, config.memory_limit_mb, config.request_timeout_ms, config.eager_instances),
             on_replace=self._instance_replaced,
+            budget=InstanceBudget(limit=config.max_instances),
         )
+        self.metrics.track_instances(self.models.budget)
         self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="infer")
+        # Drops instances idle for instance_idle_s (runs from start() to stop(), before any service).
+        self.reaper = InstanceReaper(budget=self.models.budget, idle_s=config.instance_idle_s, executor=self.executor)
         self.inference = InferenceCore(
             models=self.models,
             metrics=self.metrics,
             executor=self.executor,
             inline_threshold_us=config.inline_threshold_us,
+            batching=parse_batching_config(config.section("batching")),
         )
         self.api = InferenceAPI(
             models=self.models,
@@ -122,10 +133,12 @@ class Agent:
         self.k8s: KubeWatcher | None = None
         self.mqtt: MqttChannel | None = None
         self.sdnotify: SystemdNotifier | None = None
+        self.grpc: GrpcServer | None = None  # the gRPC API, on its own port (grpc_listen)
         self.address: tuple[str, int] | None = None
         self.started = False
         self.stopping = False
         self._stop_requested: asyncio.Event | None = None
+        self._froze_gc = False
 
     # -- start-up ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -135,7 +148,20 @@ class Agent:
         if self.config.seed_bundled:
             for record in self.repository.seed_bundled():
                 self.log.info("seeded bundled model", model=record.model, version=record.version)
-        await self.load_active()
+        # Loading thousands of versions makes objects that all live on: the cyclic collector would
+        # walk the growing heap again and again (more than half the load time at 3,000 versions).
+        # Off while they load; then frozen (gc.freeze), so a full collection in the middle of
+        # requests does not walk them either (a second for 3,000 versions). stop() unfreezes.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            await self.load_active()
+        finally:
+            if collecting:
+                gc.enable()
+        gc.freeze()
+        self._froze_gc = True
+        await self.reaper.start()
         host, port = self.config.host_port
         try:
             self.address = await self.http.listen(host, port)
@@ -147,38 +173,83 @@ class Agent:
         self.log.info(
             "agent ready",
             listen=f"{self.address[0]}:{self.address[1]}",
-            models={name: route.primary.version for name, route in self.models.routes.items()},
-            broken=dict(self.models.broken),
+            **self._ready_models(),
             startup_ms=round((time.perf_counter() - t0) * 1000, 1),
         )
 
     async def load_active(self) -> None:
-        """Load every model's recorded active version from the local store; no network."""
+        """Load every model's recorded active version from the local store; no network.
+
+        Two queries whatever the number of models; the loads run on the worker pool, one lane
+        per CPU up to ``worker_threads`` (hashing and instantiating release the GIL). Each version
+        is logged when there are few; past ``LOG_EACH_LOAD_UP_TO``, one summary line (each at debug).
+        """
         loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        records = {(r.model, r.version): r for r in self.db.versions()}
+        todo: list[VersionRecord] = []
         for mrec in self.db.models():
             if not mrec.active_version:
                 continue
-            record = self.db.get_version(mrec.name, mrec.active_version)
+            record = records.get((mrec.name, mrec.active_version))
             if record is None:
                 self._broken(mrec.name, f"active version {mrec.active_version} is not in the store")
                 continue
-            try:
-                loaded = await loop.run_in_executor(self.executor, self.models.load, record)
-            except CorruptBlob as exc:
-                self.db.set_version_status(record.model, record.version, "broken", str(exc))
-                self._broken(mrec.name, f"corrupt blob: {exc}")
-                continue
-            except AgentError as exc:
-                self._broken(mrec.name, str(exc))
-                continue
-            self.models.route(mrec.name, Route(loaded))
+            todo.append(record)
+        if not todo:
+            return
+        lanes = min(self.config.worker_threads, os.cpu_count() or 1, len(todo))
+        done = await asyncio.gather(
+            *(loop.run_in_executor(self.executor, self._load_each, todo[lane::lanes]) for lane in range(lanes))
+        )
+        one_by_one = len(todo) <= self.LOG_EACH_LOAD_UP_TO
+        each = self.log.info if one_by_one else self.log.debug
+        broken = 0
+        for record, outcome in (pair for lane in done for pair in lane):
+            if isinstance(outcome, CorruptBlob):
+                self.db.set_version_status(record.model, record.version, "broken", str(outcome))
+                self._broken(record.model, f"corrupt blob: {outcome}")
+                broken += 1
+            elif isinstance(outcome, AgentError):
+                self._broken(record.model, str(outcome))
+                broken += 1
+            else:
+                self.models.route(record.model, Route(outcome))
+                each(
+                    "model loaded",
+                    model=outcome.name,
+                    version=outcome.version,
+                    load_ms=round(outcome.load_ms, 2),
+                    instances=outcome.pool.live,
+                )
+        if not one_by_one:
             self.log.info(
-                "model loaded",
-                model=loaded.name,
-                version=loaded.version,
-                load_ms=round(loaded.load_ms, 2),
-                instances=loaded.pool.size,
+                "models loaded",
+                loaded=len(todo) - broken,
+                broken=broken,
+                instances=self.models.budget.live,
+                load_ms=round((time.perf_counter() - start) * 1000, 1),
             )
+
+    def _load_each(self, records: list[VersionRecord]) -> list[tuple[VersionRecord, LoadedModel | AgentError]]:
+        """Load versions one after the other on a worker thread; a failure is that version's outcome."""
+        outcomes: list[tuple[VersionRecord, LoadedModel | AgentError]] = []
+        for record in records:
+            try:
+                outcomes.append((record, self.models.load(record)))
+            except AgentError as exc:
+                outcomes.append((record, exc))
+        return outcomes
+
+    def _ready_models(self) -> dict[str, Any]:
+        """What the "agent ready" line says of the models: each by name when few, else counts."""
+        routes, broken = self.models.routes, self.models.broken
+        if len(routes) + len(broken) <= self.LOG_EACH_LOAD_UP_TO:
+            return {
+                "models": {name: route.primary.version for name, route in routes.items()},
+                "broken": dict(broken),
+            }
+        return {"models": len(routes), "broken": len(broken), "instances": self.models.budget.live}
 
     def _broken(self, model: str, reason: str) -> None:
         self.models.mark_broken(model, reason)
@@ -207,11 +278,15 @@ class Agent:
                 await service.stop()
             except Exception as exc:  # noqa: BLE001 - one failing service must not keep the others running
                 self.log.error("service failed to stop", service=type(service).__name__, error=repr(exc))
+        self.models.flush_batchers()  # batched requests go now, not after their queue delay
         clean = await self.http.shutdown(self.config.drain_timeout_s)
         if not clean:
             self.log.warning("drain timed out; remaining connections closed", timeout_s=self.config.drain_timeout_s)
+        await self.reaper.stop()
         self.executor.shutdown(wait=True, cancel_futures=False)
         self.models.close()
+        if self._froze_gc:
+            gc.unfreeze()  # what this agent held is collectable again (many agents may share a process)
         self.db.close()
         if self._owns_runtime:
             self.runtime.close()

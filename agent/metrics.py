@@ -26,11 +26,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from agent import __version__
 from agent.events import Event
 
+# Rows per batched call (dynamic batching, agent/server/batching.py): powers of two.
+BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(11))
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 # Which image pull outcome each event of agent/images/pull.py means (one event per pull or import).
@@ -68,6 +71,22 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.batch_queue_depth = Gauge(
+            "edge_agent_batch_queue_depth",
+            "Requests waiting in a version's dynamic batching queue",
+            labels,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "edge_agent_batch_size",
+            "Rows per model call made by dynamic batching",
+            labels,
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.batched_calls = Counter(
+            "edge_agent_batched_calls", "Model calls made by dynamic batching", labels, registry=self.registry
+        )
         self.swaps = Counter("edge_agent_swaps", "Version switches", ("model",), registry=self.registry)
         self.rollbacks = Counter("edge_agent_rollbacks", "Rollbacks", ("model",), registry=self.registry)
         self.instance_replacements = Counter(
@@ -103,6 +122,11 @@ class Metrics:
         self.build.info({"version": __version__, "wasmtime": _wasmtime_version()})
         ProcessCollector(registry=self.registry)
         self.started = time.time()
+
+    def track_instances(self, budget: Any) -> None:
+        """Expose the node's instance budget (``agent.runtime.InstanceBudget``: ``live``, ``limit``,
+        ``evicted``, ``reaped``), read when scraped."""
+        self.registry.register(_InstanceCollector(budget))
 
     def model_children(self, model: str, version: str) -> tuple[Any, Any]:
         """(requests counter, latency histogram) bound to one version, for the hot path."""
@@ -157,6 +181,32 @@ class WithoutCreated:
             copy = Metric(family.name, family.documentation, family.type, family.unit)
             copy.samples = [s for s in family.samples if s.name != created]
             yield copy
+
+
+class _InstanceCollector:
+    """Live wasm instances and why instances were dropped, from the node's instance budget."""
+
+    def __init__(self, budget: Any):
+        self.budget = budget
+
+    def collect(self) -> Iterator[Metric]:
+        budget = self.budget
+        yield GaugeMetricFamily(
+            "edge_agent_instances", "Live wasm instances across every model version", value=budget.live
+        )
+        yield GaugeMetricFamily(
+            "edge_agent_max_instances",
+            "The node's bound on live instances (max_instances; 0: none)",
+            value=budget.limit,
+        )
+        drops = CounterMetricFamily(
+            "edge_agent_instance_drops",
+            "Idle instances dropped: evicted for another version's at max_instances, or idle for instance_idle_s",
+            labels=("reason",),
+        )
+        drops.add_metric(("evicted",), budget.evicted)
+        drops.add_metric(("idle",), budget.reaped)
+        yield drops
 
 
 def _wasmtime_version() -> str:

@@ -27,7 +27,7 @@ import structlog
 
 from agent.cas import BlobStore
 from agent.errors import NotFound, Unavailable
-from agent.runtime import LoadedModel, LoadSettings, WasmRuntime, load_version
+from agent.runtime import InstanceBudget, LoadedModel, LoadSettings, WasmRuntime, load_version
 from agent.state import VersionRecord
 
 
@@ -67,10 +67,13 @@ class ModelManager:
         blobs: BlobStore,
         settings: LoadSettings,
         on_replace: Callable[[str, str, str], None] | None = None,
+        budget: InstanceBudget | None = None,
     ):
         self.runtime = runtime
         self.blobs = blobs
         self.settings = settings
+        # The node's bound on live instances, shared by every version's pool (unbounded when None).
+        self.budget = budget if budget is not None else InstanceBudget(limit=0)
         self.routes: dict[str, Route] = {}
         self.loaded: dict[tuple[str, str], LoadedModel] = {}
         self.broken: dict[str, str] = {}  # model -> why it cannot be served
@@ -129,6 +132,7 @@ class ModelManager:
             record,
             self.settings,
             on_replace=(lambda why: hook(record.model, record.version, why)) if hook else None,
+            budget=self.budget,
         )
         with self._lock:
             # A version replaced here (same name, other content) stays open for its
@@ -163,7 +167,16 @@ class ModelManager:
             del self._open[id(loaded)]
             if self.loaded.get((loaded.name, loaded.version)) is loaded:
                 del self.loaded[(loaded.name, loaded.version)]
+        if loaded.batcher is not None:
+            loaded.batcher.flush()  # its queued requests go now, not after their batching delay
         return True
+
+    def flush_batchers(self) -> None:
+        """The agent is stopping: every open version's batching queue goes at once (agent/server/batching.py)."""
+        with self._lock:
+            batchers = [lm.batcher for lm in self._open.values() if lm.batcher is not None]
+        for batcher in batchers:
+            batcher.flush()
 
     def route(self, name: str, route: Route) -> Route | None:
         """Atomically send ``name``'s traffic to ``route``; returns the route it replaced."""

@@ -9,15 +9,18 @@ apply too), then three blobs (model.json, module, weights) and one
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 from agent.artefacts import Artefacts, check_version_free, read_model_spec, validate
 from agent.cas import BlobStore
-from agent.errors import NotFound
+from agent.errors import AgentError, InvalidModel, NotFound
+from agent.spec import ModelSpec
 from agent.state import StateDB, VersionRecord
 
-__all__ = ["BUNDLED_PACKAGE", "Artefacts", "ModelRepository", "bundled_model_dirs"]
+__all__ = ["BUNDLED_PACKAGE", "Artefacts", "ModelRepository", "bundled_model_dirs", "model_dirs"]
 
 BUNDLED_PACKAGE = "agent.bundled"
 
@@ -39,6 +42,57 @@ class ModelRepository:
         for data, digest in zip((artefacts.config, artefacts.module, artefacts.weights), digests, strict=True):
             self.blobs.put_bytes(data, expected=digest)
         return self.db.add_version(spec.name, spec.version, *digests, source=source, manifest_digest=manifest_digest)
+
+    def import_dirs(
+        self,
+        directories: list[Path],
+        *,
+        activate: bool,
+        on_each: Callable[[Path, VersionRecord | AgentError, bool], None],
+        batch: int = 256,
+    ) -> None:
+        """Import many model directories, one by one as :meth:`import_dir` would, with one sync
+        of the file system per ``batch`` rather than two fsyncs per blob: each batch's blobs are
+        written, then synced (``os.sync``), then recorded, so a row never names a blob that a
+        crash could lose. ``on_each(directory, record or the refusal, activated)`` is called for
+        every directory. A version becomes active with ``activate``, or when its model has none.
+        """
+        for lo in range(0, len(directories), batch):
+            staged: list[tuple[Path, ModelSpec, tuple[str, str, str], str]] = []
+            names: dict[tuple[str, str], tuple[str, str, str]] = {}
+            for directory in directories[lo : lo + batch]:
+                try:
+                    if directory.is_symlink():
+                        raise InvalidModel(f"{directory} is a symbolic link; refused (name the directory itself)")
+                    resolved = directory.resolve()
+                    artefacts = Artefacts.from_dir(resolved)
+                    spec = validate(artefacts)
+                    digests = artefacts.digests
+                    check_version_free(spec, digests, self.db.get_version(spec.name, spec.version))
+                    earlier = names.get((spec.name, spec.version))
+                    if earlier is not None and earlier != digests:
+                        raise InvalidModel(
+                            f"{spec.name}:{spec.version} is also in another directory of this import, "
+                            "with different content"
+                        )
+                    for data, digest in zip(
+                        (artefacts.config, artefacts.module, artefacts.weights), digests, strict=True
+                    ):
+                        self.blobs.put_bytes(data, expected=digest, durable=False)
+                except AgentError as exc:
+                    on_each(directory, exc, False)
+                    continue
+                names[(spec.name, spec.version)] = digests
+                staged.append((directory, spec, digests, f"import:{resolved}"))
+            if staged:
+                os.sync()
+            for directory, spec, digests, source in staged:
+                record = self.db.add_version(spec.name, spec.version, *digests, source=source)
+                mrec = self.db.get_model(spec.name)
+                activated = activate or mrec is None or not mrec.active_version
+                if activated:
+                    self.db.set_active(spec.name, spec.version)
+                on_each(directory, record, activated)
 
     def import_dir(self, directory: Path) -> VersionRecord:
         directory = Path(directory).resolve()
@@ -74,6 +128,27 @@ class ModelRepository:
                 self.db.set_active(spec.name, spec.version)
             added.append(record)
         return added
+
+
+def model_dirs(path: Path) -> list[Path]:
+    """What ``edge-agent import PATH`` imports: PATH itself when it holds a model.json, else each
+    directory directly inside it (sorted by name; hidden ones skipped), model or not, so a
+    directory of models that lacks one is reported rather than passed over (a link among them too:
+    the importer refuses it, as it refuses a link inside a model directory).
+
+    NotADirectoryError / FileNotFoundError when PATH is not a directory.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise NotADirectoryError(path) if path.exists() else FileNotFoundError(path)
+    if (path / "model.json").exists():
+        return [path]
+    with os.scandir(path) as entries:
+        return sorted(
+            Path(entry.path)
+            for entry in entries
+            if not entry.name.startswith(".") and (entry.is_dir(follow_symlinks=False) or entry.is_symlink())
+        )
 
 
 def bundled_model_dirs() -> list[Path]:

@@ -81,6 +81,59 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
+# Bounds on dynamic batching settings (model.json ``dynamic_batching`` and the agent's ``[batching.<model>]``).
+MAX_QUEUE_DELAY_US = 60_000_000
+MAX_QUEUE_SIZE = 65536
+DEFAULT_QUEUE_SIZE = 256
+BATCHING_KEYS = ("max_queue_delay_us", "preferred_batch_sizes", "max_queue_size")
+
+
+@dataclass(frozen=True)
+class BatchingSpec:
+    """Dynamic batching of one model (Triton's ``dynamic_batching``); see agent/server/batching.py."""
+
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = DEFAULT_QUEUE_SIZE
+
+    @classmethod
+    def from_dict(cls, doc: Any, where: str, max_batch: int | None = None) -> BatchingSpec:
+        """Parse and check a settings table; ``max_batch`` (when known) bounds the preferred sizes.
+
+        Raises ValueError with a message naming ``where``; callers turn it into their own error.
+        """
+        if not isinstance(doc, dict):
+            raise ValueError(f"{where} must be an object")
+        unknown = sorted(set(doc) - set(BATCHING_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(BATCHING_KEYS)})")
+        delay = doc.get("max_queue_delay_us", 0)
+        if not _is_int(delay) or not 0 <= delay <= MAX_QUEUE_DELAY_US:
+            raise ValueError(f"{where}.max_queue_delay_us must be an integer in 0..{MAX_QUEUE_DELAY_US}, got {delay!r}")
+        size = doc.get("max_queue_size", DEFAULT_QUEUE_SIZE)
+        if not _is_int(size) or not 1 <= size <= MAX_QUEUE_SIZE:
+            raise ValueError(f"{where}.max_queue_size must be an integer in 1..{MAX_QUEUE_SIZE}, got {size!r}")
+        sizes = doc.get("preferred_batch_sizes", [])
+        if not isinstance(sizes, list) or not all(_is_int(n) and n >= 1 for n in sizes):
+            raise ValueError(f"{where}.preferred_batch_sizes must be a list of positive integers, got {sizes!r}")
+        if len(set(sizes)) != len(sizes):
+            raise ValueError(f"{where}.preferred_batch_sizes has duplicates: {sizes!r}")
+        if max_batch is not None and any(n > max_batch for n in sizes):
+            raise ValueError(f"{where}.preferred_batch_sizes must not exceed max_batch ({max_batch}): {sizes!r}")
+        return cls(max_queue_delay_us=delay, preferred_batch_sizes=tuple(sorted(sizes)), max_queue_size=size)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_queue_delay_us": self.max_queue_delay_us,
+            "preferred_batch_sizes": list(self.preferred_batch_sizes),
+            "max_queue_size": self.max_queue_size,
+        }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -98,6 +151,8 @@ class ModelSpec:
     timeout_ms: int | None = None
     description: str = ""
     files: dict[str, str] = field(default_factory=dict)
+    # Optional (absent: no batching); agents that predate it ignore the key.
+    dynamic_batching: BatchingSpec | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -175,6 +230,14 @@ class ModelSpec:
         for fname in files.values():
             if "/" in fname or fname in ("", ".", ".."):
                 raise InvalidModel(f"files entry {fname!r} must be a plain file name")
+        batching = None
+        if doc.get("dynamic_batching") is not None:
+            if max_batch < 2:
+                raise InvalidModel(f"dynamic_batching needs max_batch above 1; model {name}:{version} has max_batch 1")
+            try:
+                batching = BatchingSpec.from_dict(doc["dynamic_batching"], "dynamic_batching", max_batch)
+            except ValueError as exc:
+                raise InvalidModel(str(exc)) from None
         return cls(
             name=name,
             version=version,
@@ -191,6 +254,7 @@ class ModelSpec:
             timeout_ms=_opt_int(resources, "timeout_ms"),
             description=str(doc.get("description", "")),
             files=dict(files),
+            dynamic_batching=batching,
             raw=doc,
         )
 

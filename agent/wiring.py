@@ -16,12 +16,14 @@ arguments; each config section is parsed once, here::
     agent.k8s                  attach_k8s        [k8s] (+ env), control, events
     agent.mqtt                 attach_mqtt       [mqtt] [telemetry], node_id, state_dir, control, events,
                                                  metrics, models, blobs, cache
+    agent.grpc                 attach_grpc       grpc_listen, grpc_tls_*, max_body_bytes, models, inference,
+                                                 agent.repository_api (token), started/stopping
     agent.sdnotify             attach_sdnotify   NOTIFY_SOCKET (env), models, events, agent.started/stopping
 
 Services start in ``agent.services`` order once the API listens and stop in
 reverse: the lifecycle first (crash recovery and the first reconcile, before
 anything feeds the reconciler), then image pulls, the drop-in folder,
-Kubernetes, MQTT, and systemd notification last. A subsystem that is switched
+the gRPC API, Kubernetes, MQTT, and systemd notification last. A subsystem that is switched
 off is not built (its attribute stays None); the Kubernetes watcher is always
 built, to drop what an earlier, enabled run left behind.
 
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     from agent.daemon import Agent
     from agent.images.cache import VersionKey
     from agent.mqtt.channel import MqttChannel
+    from agent.server.grpc_api import GrpcServer
 
 
 def attach_services(agent: Agent, *, env: Mapping[str, str] | None = None) -> None:
@@ -71,6 +74,7 @@ def attach_services(agent: Agent, *, env: Mapping[str, str] | None = None) -> No
             events=agent.events,
         )
         agent.services.append(agent.inbox)
+    attach_grpc(agent)
     attach_k8s(agent, env=env)
     attach_mqtt(agent)
     # Last: READY=1 goes out once every other service has started, and since services
@@ -136,6 +140,33 @@ def attach_lifecycle(
     # First to start, whenever attached: recovery and the first reconcile precede the services that feed it.
     agent.services.insert(0, LifecycleService(lifecycle=lifecycle))
     return lifecycle
+
+
+def attach_grpc(agent: Agent) -> GrpcServer | None:
+    """The gRPC API (``agent.grpc``) on ``grpc_listen``; nothing, and None, when that is off.
+
+    Its repository RPCs use ``agent.repository_api`` (attach the lifecycle first); without it
+    they answer UNIMPLEMENTED. Started after the REST API listens; stopped, refusing new calls and
+    draining those in flight, once the services attached after it have stopped.
+    """
+    if agent.grpc is not None:
+        raise RuntimeError("a gRPC API is attached already")
+    # Imported only when used: grpcio is not loaded by the tools that never serve.
+    from agent.server.grpc_api import build_grpc_server
+
+    server = build_grpc_server(
+        config=agent.config,
+        models=agent.models,
+        core=agent.inference,
+        is_ready=lambda: agent.started and not agent.stopping,
+        repository=agent.repository_api,
+        log=agent.log,
+    )
+    if server is None:
+        return None
+    agent.grpc = server
+    agent.services.append(server)
+    return server
 
 
 def attach_k8s(agent: Agent, *, env: Mapping[str, str] | None = None) -> KubeWatcher:

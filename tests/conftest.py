@@ -118,7 +118,13 @@ def make_agent(tmp_path: Path) -> Iterator[Any]:
     agents: list[AgentThread] = []
 
     def factory(setup: Any = None, **overrides: Any) -> AgentThread:
-        values = {"state_dir": tmp_path / "state", "listen": "127.0.0.1:0", "log_level": "warning"}
+        # A free gRPC port too (used when a test attaches it), so many agents share one process.
+        values = {
+            "state_dir": tmp_path / "state",
+            "listen": "127.0.0.1:0",
+            "grpc_listen": "127.0.0.1:0",
+            "log_level": "warning",
+        }
         values.update(overrides)
         config = Config.load(env={}, overrides=values)
         agent = AgentThread(config, setup)
@@ -140,6 +146,9 @@ class AgentProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
         full_env.update(env or {})
+        # Not the default gRPC port: agents run side by side. A test that sets it keeps its own.
+        if "--grpc-listen" not in (extra or []) and "EDGE_AGENT_GRPC_LISTEN" not in full_env:
+            extra = ["--grpc-listen", "127.0.0.1:0", *(extra or [])]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [

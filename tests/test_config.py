@@ -70,6 +70,9 @@ def test_systemd_state_directory_is_the_default():
         ({"EDGE_AGENT_POOL_SIZE": "0"}, "pool_size must be at least 1"),
         ({"EDGE_AGENT_LISTEN": "nowhere"}, "listen must be HOST:PORT"),
         ({"EDGE_AGENT_LOG_FORMAT": "xml"}, "log_format"),
+        ({"EDGE_AGENT_GRPC_LISTEN": "nowhere"}, "grpc_listen must be HOST:PORT, or off"),
+        ({"EDGE_AGENT_GRPC_TLS_CERT": "/c.pem"}, "grpc_tls_cert and grpc_tls_key go together"),
+        ({"EDGE_AGENT_GRPC_MAX_CONCURRENT_RPCS": "0"}, "grpc_max_concurrent_rpcs must be at least 1"),
     ],
 )
 def test_bad_values_are_refused_with_the_setting_named(env: dict[str, str], message: str):
@@ -93,3 +96,18 @@ def test_parse_listen():
     assert parse_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)
     assert parse_listen("[::1]:9") == ("::1", 9)
     assert parse_listen(":9") == ("0.0.0.0", 9)
+
+
+def test_grpc_listen_layers_and_off(tmp_path: Path):
+    assert Config.load(env={}).grpc_host_port == ("127.0.0.1", 8081)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[agent]\ngrpc_listen = "0.0.0.0:9001"\n')
+    assert Config.load(file=cfg, env={}).grpc_host_port == ("0.0.0.0", 9001)
+    env = {"EDGE_AGENT_GRPC_LISTEN": "[::1]:9002"}
+    assert Config.load(file=cfg, env=env).grpc_host_port == ("::1", 9002)
+    assert Config.load(file=cfg, env=env, overrides={"grpc_listen": "127.0.0.1:9003"}).grpc_host_port == (
+        "127.0.0.1",
+        9003,
+    )
+    for off in ("off", "OFF", ""):
+        assert Config.load(env={"EDGE_AGENT_GRPC_LISTEN": off}).grpc_host_port is None

@@ -57,7 +57,8 @@ def test_values_at_the_edge_of_the_range_and_integers_are_still_served(agent):
     status, body = infer(agent, [3.4e38, 1, 2, 3])
     assert status == 200, body
     assert np.array_equal(np.float32(body["outputs"][0]["data"]), np.float32([3.4e38, 2, 6, 12]))
-    assert agent.agent.models.get("scale", None).pool.idle == 2
+    pool = agent.agent.models.get("scale", None).pool
+    assert pool.idle == pool.live >= 1  # no instance lost or left held
 
 
 @pytest.mark.parametrize(

@@ -295,6 +295,9 @@ def test_the_daemonset_runs_the_agent_as_configured() -> None:
     assert agent["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert agent["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert agent["readinessProbe"]["httpGet"]["port"] in ("http", port)
+    # The gRPC API on the port the pod declares, for clients and grpc probes.
+    grpc_port = next(p for p in agent["ports"] if p["name"] == "grpc")["containerPort"]
+    assert config.grpc_host_port == ("0.0.0.0", grpc_port)
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(agent["resources"][kind]), kind
     assert pod["nodeSelector"]["node-role.kubernetes.io/edge"] == "true"

@@ -17,7 +17,8 @@ from agent.repository import Artefacts, ModelRepository
 from agent.runtime import LoadSettings, WasmRuntime, load_version
 from agent.state import StateDB
 
-SETTINGS = LoadSettings(pool_size=2, memory_limit_mb=64, request_timeout_ms=1000)
+# Eager: these tests count a whole pool; lazy pools (the agent's default) are tests/test_scale.py's.
+SETTINGS = LoadSettings(pool_size=2, memory_limit_mb=64, request_timeout_ms=1000, eager_instances=True)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,11 @@ import numpy as np
 from agent import apitoken, exitcodes, logs
 from agent.config import Config
 from agent.errors import AgentError, ClientError, TokenFileError
+
+# edge-agent import: a line per imported version up to this many directories, and progress on
+# stderr this often during a long run.
+IMPORT_LINES_UP_TO = 20
+PROGRESS_EVERY_S = 2.0
 
 
 def report_error(message: str, logged_as: str | None = None) -> None:
@@ -56,10 +62,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Protocol on --listen, stop cleanly on SIGTERM/SIGINT.",
     )
     add_config_options(p)
+    p.add_argument(
+        "--grpc-listen",
+        metavar="HOST:PORT",
+        help="gRPC API address, or off (default 127.0.0.1:8081; env EDGE_AGENT_GRPC_LISTEN)",
+    )
     p.add_argument("--node-id", help="node identity (default: host name; env EDGE_AGENT_NODE_ID)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.add_argument("--log-format", choices=["auto", "json", "console"], help="default auto")
-    p.add_argument("--pool-size", type=int, help="warm instances per model version (default 2)")
+    p.add_argument("--pool-size", type=int, help="the most instances per model version (default 2)")
+    p.add_argument(
+        "--eager-instances",
+        action="store_true",
+        default=None,
+        help="build every version's pool_size instances at load instead of on demand",
+    )
     p.add_argument("--no-seed", action="store_true", help="do not import the bundled models into an empty store")
     p.set_defaults(func=cmd_run)
 
@@ -74,13 +91,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "import",
-        help="add a model version from a local directory",
-        description="Import a model directory (model.json, model.wasm, weights.safetensors) into the local "
-        "store. It becomes the active version when the model has none, or with --activate.",
+        help="add model versions from local directories",
+        description="Import model directories (model.json, model.wasm, weights.safetensors) into the local "
+        "store, in one process. A PATH holding a model.json is one model; any other PATH is a directory of "
+        "model directories, each imported. Each version becomes its model's active version when the model "
+        "has none, or with --activate. A directory that is refused is reported and skipped; the others are "
+        f"imported. Exit {exitcodes.OK} when all were imported, {exitcodes.DATAERR} when some were refused, "
+        f"{exitcodes.NOINPUT} when a PATH is missing or not a directory.",
     )
     add_config_options(p, listen=False)
-    p.add_argument("path", metavar="PATH", help="model directory")
-    p.add_argument("--activate", action="store_true", help="make it the active version")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="model directory, or a directory of them")
+    p.add_argument("--activate", action="store_true", help="make each imported version the active one")
+    p.add_argument("--quiet", "-q", action="store_true", help="no line per imported version, only the summary")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(
@@ -119,6 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
         "log_format": args.log_format,
         "pool_size": args.pool_size,
+        "eager_instances": args.eager_instances,
+        "grpc_listen": args.grpc_listen,
     }
     if args.no_seed:
         extra["seed_bundled"] = False
@@ -188,28 +212,63 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from agent.repository import model_dirs
+    from agent.state import VersionRecord
+
     repo = _open_store(args)
-    path = Path(args.path)
-    if not path.is_dir():
-        report_error(f"{path} is not a directory")
+    missing = False
+    dirs: list[Path] = []
+    for arg in args.paths:
+        path = Path(arg)
+        try:
+            found = model_dirs(path)
+        except OSError:
+            report_error(f"{path} is not a directory")
+            missing = True
+            continue
+        if not found:
+            report_error(f"{path} holds no model.json and no model directories")
+            missing = True
+        dirs.extend(found)
+    # One line per version for a few; past that, progress on stderr every PROGRESS_EVERY_S and the summary.
+    verbose = not args.quiet and len(dirs) <= IMPORT_LINES_UP_TO
+    imported: list[str] = []
+    refused = 0
+    start = last = time.monotonic()
+
+    def each(directory: Path, outcome: VersionRecord | AgentError, activated: bool) -> None:
+        nonlocal refused, last
+        if isinstance(outcome, AgentError):
+            report_error(f"cannot import {directory}: {outcome}")
+            refused += 1
+        else:
+            imported.append(f"store:{outcome.model}:{outcome.version}")
+            if verbose:
+                print(
+                    f"imported {outcome.model}:{outcome.version} (module {outcome.module_digest[:19]})"
+                    + (", active" if activated else ""),
+                    flush=True,
+                )
+        now = time.monotonic()
+        done = len(imported) + refused
+        if now - last >= PROGRESS_EVERY_S and done < len(dirs):
+            last = now
+            logs.print_error(f"edge-agent: import: {done}/{len(dirs)} directories, {refused} refused")
+
+    repo.import_dirs(dirs, activate=args.activate, on_each=each)
+    if len(dirs) > 1 or refused or missing:
+        print(
+            f"imported {len(imported)} of {len(dirs)} model directories"
+            + (f", {refused} refused" if refused else "")
+            + f" in {time.monotonic() - start:.1f} s"
+        )
+    if len(imported) == 1:
+        print(f"a running agent serves it after `edge-agent deploy {imported[0]}` or a restart")
+    elif imported:
+        print("a running agent serves the active versions after a restart, or `edge-agent deploy store:NAME:VERSION`")
+    if missing:
         return exitcodes.NOINPUT
-    try:
-        record = repo.import_dir(path)
-    except AgentError as exc:
-        report_error(f"cannot import {path}: {exc}")
-        return exitcodes.DATAERR
-    mrec = repo.db.get_model(record.model)
-    activated = False
-    if args.activate or mrec is None or not mrec.active_version:
-        repo.db.set_active(record.model, record.version)
-        activated = True
-    print(
-        f"imported {record.model}:{record.version} (module {record.module_digest[:19]})"
-        + (", active" if activated else "")
-    )
-    if activated:
-        print(f"a running agent serves it after `edge-agent deploy store:{record.model}:{record.version}` or a restart")
-    return exitcodes.OK
+    return exitcodes.DATAERR if refused else exitcodes.OK
 
 
 # -- client verbs ---------------------------------------------------------------------------

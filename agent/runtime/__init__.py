@@ -2,6 +2,15 @@
 
 from agent.runtime.engine import WasmRuntime
 from agent.runtime.loaded import LoadedModel, LoadSettings, load_version
-from agent.runtime.pool import InstancePool
+from agent.runtime.pool import InstanceBudget, InstancePool
+from agent.runtime.reaper import InstanceReaper
 
-__all__ = ["InstancePool", "LoadSettings", "LoadedModel", "WasmRuntime", "load_version"]
+__all__ = [
+    "InstanceBudget",
+    "InstancePool",
+    "InstanceReaper",
+    "LoadSettings",
+    "LoadedModel",
+    "WasmRuntime",
+    "load_version",
+]

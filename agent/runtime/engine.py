@@ -17,6 +17,7 @@ import re
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -116,8 +117,15 @@ class WasmRuntime:
         self._lock = threading.Lock()
         self.compiled_from_cache = 0
         self.compiled_fresh = 0
-        # Compiled modules by the digest of their wasm, most recently used last.
+        # Compiled modules by the digest of their wasm, most recently used last: kept a while
+        # after the last version using one is gone (a swap back, a reload).
         self._modules: OrderedDict[str, wasmtime.Module] = OrderedDict()
+        # Every compiled module some loaded version still uses, however many there are: a digest
+        # evicted from the LRU above while in use is still found here, so N versions over one
+        # module hold one copy of its code and never compile or deserialize it again.
+        self._in_use: weakref.WeakValueDictionary[str, wasmtime.Module] = weakref.WeakValueDictionary()
+        # One load per digest at a time: versions loading in parallel wait for the first one's.
+        self._loading: dict[str, threading.Lock] = {}
         self.shared_hits = 0
         # Mirrors the engine's epoch so instances can tell, for free, whether
         # the deadline they set last is still exact (see ModelInstance.run).
@@ -210,20 +218,42 @@ class WasmRuntime:
         (checking export types through the Python API costs more than the rest of a
         cold start).
         """
+        shared = self.shared_module(module_digest)
+        if shared is not None:
+            return shared
+        with self._lock:
+            gate = self._loading.setdefault(module_digest, threading.Lock())
+        with gate:
+            shared = self.shared_module(module_digest)
+            if shared is not None:
+                return shared
+            try:
+                module = self._load_module(wasm, module_digest, validate)
+                with self._lock:
+                    self._modules[module_digest] = module
+                    self._in_use[module_digest] = module
+                    while len(self._modules) > self.MAX_SHARED_MODULES:
+                        self._modules.popitem(last=False)
+            finally:
+                with self._lock:
+                    self._loading.pop(module_digest, None)
+        return module
+
+    def shared_module(self, module_digest: str) -> wasmtime.Module | None:
+        """The compiled module already in memory for this digest, if any (no disk, no compile).
+
+        Models built on one kernel library (every converted ONNX model) or copies of one model
+        with other weights share its compiled code: loading another such version compiles nothing.
+        """
         with self._lock:
             shared = self._modules.get(module_digest)
             if shared is not None:
-                # Models built on one kernel library (every converted ONNX model) share its
-                # compiled code: a cold start of another such model compiles nothing.
                 self._modules.move_to_end(module_digest)
+            else:
+                shared = self._in_use.get(module_digest)
+            if shared is not None:
                 self.shared_hits += 1
-                return shared
-        module = self._load_module(wasm, module_digest, validate)
-        with self._lock:
-            self._modules[module_digest] = module
-            while len(self._modules) > self.MAX_SHARED_MODULES:
-                self._modules.popitem(last=False)
-        return module
+            return shared
 
     def _load_module(
         self,

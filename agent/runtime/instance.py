@@ -90,6 +90,8 @@ class ModelInstance:
         self.spec = spec
         self.runtime = runtime
         self.timeout_ms = timeout_ms
+        # time.monotonic() when its pool last got it back: the budget evicts, the reaper drops, the oldest.
+        self.last_used = 0.0
         self.store = wasmtime.Store(runtime.engine)
         # The cap covers the instance: its one memory and its table (footprint.StoreLimits).
         StoreLimits.for_cap(memory_limit_bytes).apply(self.store)

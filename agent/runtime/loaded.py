@@ -4,8 +4,9 @@
 blobs re-hashed against their digests -> model.json parsed -> weights parsed
 and matched to the declared parameters (both by ``agent.artefacts``, the rules
 import and admission apply) -> module compiled (or deserialized from the
-compile cache) -> instance pool built -> warm-up input run on every instance
-and compared with the golden output when the model ships one.
+compile cache) -> instance pool made (one instance, or all ``pool_size`` with
+``eager_instances``; the others on demand) -> warm-up input run on every instance
+it holds and compared with the golden output when the model ships one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import wasmtime
@@ -24,16 +26,21 @@ from agent.cas import BlobStore
 from agent.errors import BadRequest, ModelError
 from agent.runtime.engine import WasmRuntime
 from agent.runtime.instance import check_exports
-from agent.runtime.pool import InstancePool
+from agent.runtime.pool import InstanceBudget, InstancePool
 from agent.spec import ModelSpec
 from agent.state import VersionRecord
+
+if TYPE_CHECKING:
+    from agent.server.batching import Batcher
 
 
 @dataclass
 class LoadSettings:
-    pool_size: int
+    pool_size: int  # the most instances of one version
     memory_limit_mb: int
     request_timeout_ms: int
+    # Build all pool_size instances at load; else the warm-up's one, the others on demand.
+    eager_instances: bool = False
 
 
 @dataclass
@@ -49,6 +56,10 @@ class LoadedModel:
     # The server's bound on this version's requests holding worker threads (pool size),
     # made on the event loop at first use.
     worker_slots: asyncio.Semaphore | None = field(default=None, repr=False)
+    # Dynamic batching (agent/server/batching.py): decided by the server at the first request
+    # (batching_resolved), the batcher lives and closes with this version.
+    batcher: Batcher | None = field(default=None, repr=False)
+    batching_resolved: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -94,6 +105,8 @@ class LoadedModel:
         return {t.name: out for t, out in zip(self.spec.outputs, outputs, strict=True)}
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         self.pool.close()
 
 
@@ -103,10 +116,15 @@ def load_version(
     record: VersionRecord,
     settings: LoadSettings,
     on_replace: Callable[[str], None] | None = None,
+    budget: InstanceBudget | None = None,
 ) -> LoadedModel:
+    """``budget``: the node's bound on live instances (a private, unbounded one when None)."""
     start = time.perf_counter()
-    spec, wasm, params = read_stored(blobs, record)
-    module = runtime.load_module(wasm, record.module_digest, validate=lambda m: _validate(spec, wasm, m))
+    # A module another version already compiled is shared: its blob is neither read nor hashed again.
+    module = runtime.shared_module(record.module_digest)
+    spec, wasm, params = read_stored(blobs, record, module=module is None)
+    if module is None:
+        module = runtime.load_module(wasm, record.module_digest, validate=lambda m: _validate(spec, wasm, m))
     memory_mb = min(settings.memory_limit_mb, spec.memory_limit_mb or settings.memory_limit_mb)
     timeout_ms = min(settings.request_timeout_ms, spec.timeout_ms or settings.request_timeout_ms)
     pool = InstancePool(
@@ -119,6 +137,8 @@ def load_version(
         timeout_ms=timeout_ms,
         on_replace=on_replace,
         exports_checked=True,
+        budget=budget,
+        eager=settings.eager_instances,
     )
     try:
         warm_up(spec, pool)
@@ -135,7 +155,7 @@ def _validate(spec: ModelSpec, wasm: bytes, module: wasmtime.Module) -> None:
 
 
 def warm_up(spec: ModelSpec, pool: InstancePool) -> None:
-    """Run the warm-up input on every instance; check golden outputs when given."""
+    """Run the warm-up input on the pool's instances (at least one); check golden outputs when given."""
     arrays = [np.ascontiguousarray(spec.warmup_inputs[t.name], dtype=t.dtype) for t in spec.inputs]
     batch = arrays[0].shape[0]
     try:

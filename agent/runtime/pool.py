@@ -1,4 +1,14 @@
-"""A pool of pre-instantiated, pre-warmed instances of one model version.
+"""A pool of instances of one model version, made on demand, and the node's budget on instances.
+
+A pool starts with the instance its warm-up ran on (every ``size`` instances when
+``eager``) and grows on demand, on a worker thread, up to ``size``: a node with
+thousands of models holds one warm instance of each rather than ``size``. Every
+live instance, in every pool, takes a slot of the node's :class:`InstanceBudget`
+(``max_instances``): a pool that must grow beyond it takes the slot of the least
+recently used idle instance of another pool; when none is idle it waits (bounded,
+like a wait for a busy instance) and then answers 503. :meth:`InstanceBudget.reap`
+(run periodically by :class:`agent.runtime.reaper.InstanceReaper`) drops
+instances idle for longer than ``instance_idle_s``, except each pool's last one.
 
 Each instance has its own Store, so calls on different instances run in
 parallel on worker threads (ctypes releases the GIL for the duration of the
@@ -30,6 +40,85 @@ from agent.runtime.engine import WasmRuntime
 from agent.runtime.instance import KEEP_DEADLINE, ModelInstance, check_exports
 from agent.spec import ModelSpec
 
+# A wait held back by the budget (no slot, nothing idle to evict) looks again this often: a slot
+# frees up in another pool, whose release does not wake this one.
+BUDGET_POLL_S = 0.005
+
+
+class InstanceBudget:
+    """The node's bound on live instances over every pool (``limit`` <= 0: unbounded).
+
+    Each instance reserves its linear memory's whole address range (4 GiB and guard pages
+    for a wasm32 memory) and takes host memory for its Store, so a node serving thousands
+    of models bounds their count, not just each one's size. Thread-safe; the lock order is
+    budget, then a pool's own lock.
+    """
+
+    def __init__(self, *, limit: int):
+        self.limit = limit
+        self.live = 0
+        self.evicted = 0  # instances dropped to make room for another pool's
+        self.reaped = 0  # instances dropped for being idle too long
+        self._lock = threading.Lock()
+        self._pools: dict[int, InstancePool] = {}
+
+    def register(self, pool: InstancePool) -> None:
+        with self._lock:
+            self._pools[id(pool)] = pool
+
+    def unregister(self, pool: InstancePool, slots: int) -> None:
+        with self._lock:
+            if self._pools.pop(id(pool), None) is not None:
+                self.live -= slots
+
+    def pools(self) -> list[InstancePool]:
+        with self._lock:
+            return list(self._pools.values())
+
+    def reserve(self, pool: InstancePool) -> bool:
+        """A slot for one more instance of ``pool``: a free one, else the least recently used
+        idle instance of another pool is dropped for it. False when neither exists."""
+        with self._lock:
+            if self.limit <= 0 or self.live < self.limit:
+                self.live += 1
+                return True
+            while True:
+                victim: InstancePool | None = None
+                oldest = 0.0
+                for other in self._pools.values():
+                    if other is pool:
+                        continue
+                    idle = other._idle
+                    if idle:
+                        try:
+                            used = idle[0].last_used
+                        except IndexError:  # taken meanwhile (the serving path takes without this lock)
+                            continue
+                        if victim is None or used < oldest:
+                            victim, oldest = other, used
+                if victim is None:
+                    return False
+                if victim._drop_idle_lru(time.monotonic() + 1.0, keep=0):
+                    # The victim's slot passes to the caller: ``live`` is unchanged.
+                    self.evicted += 1
+                    return True
+
+    def release(self, slots: int = 1) -> None:
+        with self._lock:
+            self.live -= slots
+
+    def reap(self, idle_s: float) -> int:
+        """Drop instances idle for longer than ``idle_s`` in every pool, each pool's last one excepted."""
+        cutoff = time.monotonic() - idle_s
+        dropped = 0
+        for pool in self.pools():
+            while pool._drop_idle_lru(cutoff, keep=1):
+                dropped += 1
+        with self._lock:
+            self.live -= dropped
+            self.reaped += dropped
+        return dropped
+
 
 class InstancePool:
     def __init__(
@@ -43,7 +132,11 @@ class InstancePool:
         timeout_ms: float,
         on_replace: Callable[[str], None] | None = None,
         exports_checked: bool = False,
+        *,
+        budget: InstanceBudget | None = None,
+        eager: bool = True,
     ):
+        """``eager``: build all ``size`` instances now; else one, and the others on demand."""
         self.spec = spec
         self.size = size
         self.timeout_ms = timeout_ms
@@ -52,14 +145,33 @@ class InstancePool:
         self._budget_ticks: dict[float, int] = {}
         if not exports_checked:
             check_exports(module, spec)
+        self.params = params  # kept for the instances made later (mapped from the weights blob by load_version)
         self._factory = lambda: ModelInstance(
             runtime, module, spec, params, memory_limit_bytes, timeout_ms, exports_checked=True
         )
         self._on_replace = on_replace
         self._cond = threading.Condition()
-        self._idle: list[ModelInstance] = [self._factory() for _ in range(size)]
+        self._budget = budget if budget is not None else InstanceBudget(limit=0)
+        # Idle instances, least recently used first: released ones are appended, taken ones popped from the end.
+        self._idle: list[ModelInstance] = []
+        # Instances that exist (idle or in use) or are being built; each holds a budget slot.
+        self.live = 0
         self._closed = False
         self._waiters = 0
+        self._budget.register(self)
+        try:
+            # The first instance (the warm-up runs on it) may wait for a slot, as a request would:
+            # versions loading in parallel hold theirs only while they warm up.
+            self._idle.append(self._first_instance(wait_s=max(1.0, timeout_ms / 1000.0 * 4)))
+            # Eager: the others too, as far as the budget allows (past it, on demand).
+            for _ in range(size - 1 if eager else 0):
+                instance = self._build()
+                if instance is None:
+                    break
+                self._idle.append(instance)
+        except BaseException:
+            self.close()
+            raise
         self.replaced = 0
         # Smoothed compute time of one call, used to decide inline vs worker.
         self.ewma_us = 0.0
@@ -69,6 +181,68 @@ class InstancePool:
     @property
     def idle(self) -> int:
         return len(self._idle)
+
+    def _first_instance(self, wait_s: float) -> ModelInstance:
+        deadline = time.monotonic() + wait_s
+        while (instance := self._build()) is None:
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"{self.spec.name}:{self.spec.version}: the node's instance budget ({self._budget.limit}) "
+                    "is in use and no idle instance can be evicted"
+                )
+            time.sleep(BUDGET_POLL_S)
+        return instance
+
+    def _build(self) -> ModelInstance | None:
+        """One more instance, within ``size`` and the node's budget; None when either is full."""
+        with self._cond:
+            if self.live >= self.size or self._closed:
+                return None
+            self.live += 1
+        if not self._budget.reserve(self):
+            with self._cond:
+                self.live -= 1
+                closed = self._closed
+            if closed:
+                self._budget.release(-1)  # close() gave back this slot too, which was never taken
+            return None
+        try:
+            instance = self._factory()
+        except BaseException:
+            self._forget(1)
+            raise
+        instance.last_used = time.monotonic()
+        if self._closed:
+            self._forget(1)
+            raise Unavailable(f"{self.spec.name}:{self.spec.version} is unloaded")
+        return instance
+
+    def _forget(self, count: int) -> None:
+        """``count`` instances are gone: give back their slots."""
+        with self._cond:
+            self.live -= count
+            if self._closed:
+                return  # close() gave back every slot the pool held then
+        self._budget.release(count)
+
+    def _drop_idle_lru(self, cutoff: float, keep: int) -> bool:
+        """Drop the least recently used idle instance if it was last used before ``cutoff`` and more
+        than ``keep`` instances live. The caller accounts for its budget slot."""
+        with self._cond:
+            if self._closed or self.live <= keep:
+                return False
+            try:
+                instance = self._idle[0]
+            except IndexError:
+                return False
+            if instance.last_used >= cutoff:
+                return False
+            try:
+                self._idle.remove(instance)
+            except ValueError:  # taken by the serving path meanwhile
+                return False
+            self.live -= 1
+        return True
 
     # The fast paths take and return instances without the condition's lock:
     # list.pop/append are atomic under the GIL, and the lock is only needed to
@@ -84,16 +258,24 @@ class InstancePool:
             return None
 
     def acquire(self, timeout: float | None = None) -> ModelInstance:
+        """An idle instance, else a new one (blocking: builds it), else waits up to ``timeout``."""
         if not self._closed:
             try:
                 return self._idle.pop()
             except IndexError:
                 pass
-        with self._cond:
-            self._waiters += 1
-            try:
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while True:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._closed:
+                raise Unavailable(f"{self.spec.name}:{self.spec.version} is unloaded")
+            built = self._build()
+            if built is not None:
+                return built
+            # At its size: a release wakes this wait. Held back by the node's budget: look again soon.
+            by_budget = self.live < self.size
+            with self._cond:
+                self._waiters += 1
+                try:
                     if self._closed:
                         raise Unavailable(f"{self.spec.name}:{self.spec.version} is unloaded")
                     try:
@@ -102,31 +284,39 @@ class InstancePool:
                         pass
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
+                        if by_budget:
+                            raise Unavailable(
+                                f"{self.spec.name}:{self.spec.version}: the node's instance budget "
+                                f"({self._budget.limit}) is in use and no instance came free in time"
+                            )
                         raise Unavailable(f"{self.spec.name}:{self.spec.version}: no instance free in time")
+                    if by_budget:
+                        remaining = BUDGET_POLL_S if remaining is None else min(remaining, BUDGET_POLL_S)
                     self._cond.wait(remaining)
-            finally:
-                self._waiters -= 1
+                finally:
+                    self._waiters -= 1
 
     def release(self, instance: ModelInstance) -> None:
         if self._closed:
             return
+        instance.last_used = time.monotonic()
         self._idle.append(instance)
         if self._waiters:
             with self._cond:
                 self._cond.notify()
 
     def discard(self, reason: str) -> None:
-        """An instance failed: build its replacement so the pool keeps its size."""
+        """An instance failed and was dropped: build its replacement so the pool keeps its instances."""
         self.replaced += 1
         if self._on_replace is not None:
             self._on_replace(reason)
+        self._forget(1)
         try:
-            fresh = self._factory()
-        except Exception:  # noqa: BLE001 - the pool shrinks rather than failing the caller twice
-            with self._cond:
-                self.size -= 1
+            fresh = self._build()
+        except Exception:  # noqa: BLE001 - one instance fewer (built again on demand) rather than failing twice
             return
-        self.release(fresh)
+        if fresh is not None:
+            self.release(fresh)
 
     def run_on(self, instance: ModelInstance, inputs: list[np.ndarray], batch: int) -> list[np.ndarray]:
         """Run on an acquired instance, splitting batches above ``max_batch``; releases it.
@@ -206,20 +396,37 @@ class InstancePool:
         return [np.concatenate([p[i] for p in parts]) for i in range(len(self.spec.outputs))]
 
     def warm(self, inputs: list[np.ndarray], batch: int) -> list[list[np.ndarray]]:
-        """Run the warm-up input once on every instance (pages in code and memory)."""
-        with self._cond:
-            instances = list(self._idle)
+        """Run the warm-up input once on every idle instance, and on at least one (pages in code
+        and memory). The instances are held meanwhile, so the budget cannot evict them from
+        under the check; one evicted before it started is built again. After a failure they
+        are not given back (the caller closes the pool)."""
+        instances: list[ModelInstance] = []
+        while True:
+            try:
+                instances.append(self._idle.pop())
+            except IndexError:
+                break
+        if not instances:
+            instances.append(self.acquire(max(1.0, self.timeout_ms / 1000.0 * 4)))
+        instances.reverse()  # given back in the order they were idle
         results = []
         for instance in instances:
             start = time.perf_counter()
             results.append([o.copy() for o in instance.run(inputs, batch)])
             elapsed = (time.perf_counter() - start) * 1e6
             self.ewma_us = elapsed if self.ewma_us == 0.0 else min(self.ewma_us, elapsed)
+        for instance in instances:
+            self.release(instance)
         return results
 
     def close(self) -> None:
         """Drop every instance; their stores and memories go with them."""
         with self._cond:
+            if self._closed:
+                return
             self._closed = True
             self._idle.clear()
+            slots = self.live
             self._cond.notify_all()
+        # Instances still in use die with their callers (release after close drops them).
+        self._budget.unregister(self, slots)

@@ -70,6 +70,8 @@ _LINGER_S = 2.0
 _RETRY_AFTER = [("Retry-After", "1")]
 # How often the sweeper looks for idle and slow connections, at most.
 _SWEEP_S = 1.0
+# Response head templates kept (statuses x content types the application uses: a handful).
+_LEADS_KEPT = 64
 # What a connection is receiving, for the head and body timeouts.
 _IDLE, _HEAD, _BODY = 0, 1, 2
 
@@ -157,6 +159,8 @@ class HttpServer:
         self.connections: set[_Connection] = set()
         self._servers: list[asyncio.base_events.Server] = []
         self._dates = _DateCache()
+        # Response heads up to the Date and the length, by (status, content type): see _write.
+        self._leads: dict[tuple[int, str], tuple[bytes, bytes]] = {}
         self.closing = False
         self.requests_in_flight = 0
         # Request bodies held right now across all connections: being received,
@@ -566,15 +570,19 @@ class _Connection(asyncio.Protocol):
     def _write(self, response: Response, keep_alive: bool) -> None:
         if self.transport is None:
             return
-        reason = _REASONS.get(response.status, "Unknown")
-        head = [
-            f"HTTP/1.1 {response.status} {reason}\r\n".encode(),
-            b"Server: edge-agent\r\nDate: ",
-            self.server._dates.get(),
-            b"\r\nContent-Type: ",
-            response.content_type.encode(),
-            f"\r\nContent-Length: {len(response.body)}\r\n".encode(),
-        ]
+        server = self.server
+        key = (response.status, response.content_type)
+        lead = server._leads.get(key)
+        if lead is None:
+            # The bytes around the Date and the length, made once per status and content type.
+            reason = _REASONS.get(response.status, "Unknown")
+            lead = (
+                f"HTTP/1.1 {response.status} {reason}\r\nServer: edge-agent\r\nDate: ".encode(),
+                b"\r\nContent-Type: " + response.content_type.encode() + b"\r\nContent-Length: ",
+            )
+            if len(server._leads) < _LEADS_KEPT:
+                server._leads[key] = lead
+        head = [lead[0], server._dates.get(), lead[1], b"%d\r\n" % len(response.body)]
         for name, value in response.headers:
             head.append(f"{name}: {value}\r\n".encode("latin-1"))
         if not keep_alive:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ import numpy as np
 import structlog
 
 from agent.errors import ModelError, Unavailable
+from agent.server.batching import Batcher, BatchingOverride, resolve_batching
 
 if TYPE_CHECKING:
     from agent.metrics import Metrics
@@ -55,12 +56,15 @@ class InferenceCore:
         executor: Executor,
         inline_threshold_us: float,
         inline_budget_ms: float = INLINE_BUDGET_MS,
+        batching: Mapping[str, BatchingOverride] | None = None,
     ):
         self.models = models
         self.metrics = metrics
         self.executor = executor
         self.inline_threshold_us = inline_threshold_us
         self.inline_budget_ms = inline_budget_ms
+        # The agent's [batching.<model>] tables (agent/server/batching.py), by model name.
+        self.batching: Mapping[str, BatchingOverride] = batching or {}
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def infer(self, loaded: LoadedModel, arrays: Outputs, batch: int) -> Outputs | Awaitable[Outputs]:
@@ -68,6 +72,11 @@ class InferenceCore:
 
         A ModelError has been counted in the error metrics already.
         """
+        batcher = loaded.batcher
+        if batcher is None and not loaded.batching_resolved:
+            batcher = self._batcher_for(loaded)
+        if batcher is not None:
+            return batcher.submit(arrays, batch)  # dynamic batching: queued, merged, run on a worker
         pool = loaded.pool
         if pool.inline_allowed and pool.ewma_us <= self.inline_threshold_us and batch <= loaded.spec.max_batch:
             instance = pool.try_acquire()
@@ -93,6 +102,20 @@ class InferenceCore:
         # version under it. _offloop gives the count back.
         loaded.inflight += 1
         return self._offloop(loaded, arrays, batch)
+
+    def _batcher_for(self, loaded: LoadedModel) -> Batcher | None:
+        """Decide once per version whether it batches (model.json, then the agent's table); make its batcher."""
+        loaded.batching_resolved = True
+        try:
+            settings = resolve_batching(loaded.spec, self.batching.get(loaded.name))
+        except ValueError as exc:
+            log.error("dynamic batching stays off", model=loaded.name, version=loaded.version, reason=str(exc))
+            return None
+        if settings is None:
+            return None
+        loaded.batcher = Batcher(core=self, loaded=loaded, settings=settings, loop=asyncio.get_running_loop())
+        log.info("dynamic batching on", model=loaded.name, version=loaded.version, **settings.to_json())
+        return loaded.batcher
 
     def _replace_off_loop(self, loaded: LoadedModel, reason: str) -> None:
         """Build the replacement of an instance dropped by an inline call on a worker, not the loop."""

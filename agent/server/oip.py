@@ -18,6 +18,7 @@ import orjson
 
 from agent import __version__
 from agent.errors import AgentError, BadRequest
+from agent.server.binary_tensors import INFERENCE_HEADER, ExtendedRequest, decode_request
 from agent.server.http import Request, Response
 from agent.server.inference import InferenceCore
 from agent.server.tensors import decode_inputs, encode_outputs, requested_outputs
@@ -28,9 +29,12 @@ if TYPE_CHECKING:
     from agent.models import ModelManager
     from agent.runtime import LoadedModel
 
-EXTENSIONS = ["model_repository", "metrics"]
+EXTENSIONS = ["model_repository", "metrics", "binary_tensor_data"]
 
 Handler = Callable[..., "Response | Awaitable[Response]"]
+# The route cache's bounds: paths remembered, and the longest path remembered.
+_INFER_PATHS = 256
+_INFER_PATH_CHARS = 256
 
 
 class InferenceAPI:
@@ -48,8 +52,18 @@ class InferenceAPI:
         self.core = core
         self.is_ready = is_ready
         self.extra_routes = extra_routes
+        # Inference paths already matched, path -> (model, version or None): the hot path skips
+        # the split and the segment matching. Bounded: clients choose paths.
+        self._infer_paths: dict[str, tuple[str, str | None]] = {}
 
     def __call__(self, request: Request) -> Response | Awaitable[Response]:
+        if request.method == "POST":
+            target = self._infer_paths.get(request.path)
+            if target is not None:
+                try:
+                    return self._infer(request, target[0], target[1])
+                except AgentError as exc:
+                    return Response.error(exc.http_status, str(exc))
         parts = [p for p in request.path.split("/") if p]
         try:
             result = self._route(request, parts)
@@ -89,6 +103,9 @@ class InferenceAPI:
             if tail == ["ready"]:
                 return self._only(method, "GET") or self._model_ready(name, version)
             if tail == ["infer"]:
+                path = request.path
+                if method == "POST" and len(self._infer_paths) < _INFER_PATHS and len(path) <= _INFER_PATH_CHARS:
+                    self._infer_paths[path] = (name, version)
                 return self._only(method, "POST") or self._infer(request, name, version)
             return None
         if self.extra_routes is not None:
@@ -121,10 +138,15 @@ class InferenceAPI:
     def _infer(self, request: Request, name: str, version: str | None) -> Response | Awaitable[Response]:
         start = time.perf_counter()
         loaded = self.models.get(name, version)
+        header_length = request.headers.get(INFERENCE_HEADER)
+        if header_length is not None:  # a binary part follows the JSON (binary_tensors.py)
+            return self._infer_extended(loaded, decode_request(loaded.spec, request, header_length), start)
         try:
             doc = orjson.loads(request.body)
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+        if type(doc) is dict and ("parameters" in doc or "outputs" in doc):  # may ask for binary outputs
+            return self._infer_extended(loaded, decode_request(loaded.spec, request, None, doc), start)
         tensors = decode_inputs(doc, loaded.spec)
         outputs_wanted = requested_outputs(doc, loaded.spec)
         arrays, batch = loaded.prepare(tensors)
@@ -163,3 +185,30 @@ class InferenceAPI:
         body["outputs"] = encode_outputs(outputs_wanted, by_name)
         self.core.succeeded(loaded, start)
         return Response.json(200, body)
+
+    # -- Triton's binary tensor data extension -----------------------------------------------
+    def _infer_extended(
+        self, loaded: LoadedModel, call: ExtendedRequest, start: float
+    ) -> Response | Awaitable[Response]:
+        arrays, batch = loaded.prepare(call.tensors)
+        result = self.core.infer(loaded, arrays, batch)
+        if isinstance(result, list):
+            return self._respond_extended(loaded, call, result, start)
+        return self._respond_extended_later(loaded, call, result, start)
+
+    async def _respond_extended_later(
+        self, loaded: LoadedModel, call: ExtendedRequest, pending: Awaitable[list[np.ndarray]], start: float
+    ) -> Response:
+        try:
+            outputs = await pending
+        except AgentError as exc:
+            return Response.error(exc.http_status, str(exc))
+        return self._respond_extended(loaded, call, outputs, start)
+
+    def _respond_extended(
+        self, loaded: LoadedModel, call: ExtendedRequest, outputs: list[np.ndarray], start: float
+    ) -> Response:
+        by_name = {t.name: o for t, o in zip(loaded.spec.outputs, outputs, strict=True)}
+        response = call.respond(loaded.name, loaded.version, by_name)
+        self.core.succeeded(loaded, start)
+        return response

@@ -92,7 +92,7 @@ class RepositoryAPI:
         if refusal is not None:
             log.warning("control request refused: cross-origin", path=request.path, reason=refusal)
             return Response.error(403, refusal)
-        if not self._authorized(request.header("authorization")):
+        if not self.authorized(request.header("authorization")):
             resp = Response.error(
                 401,
                 "this endpoint needs the agent's API token (Authorization: Bearer <token>); "
@@ -113,7 +113,7 @@ class RepositoryAPI:
             return self._action(request, parts[2], parts[3])
         return None
 
-    def _authorized(self, header: str) -> bool:
+    def authorized(self, header: str) -> bool:
         scheme, _, credentials = header.strip().partition(" ")
         if scheme.lower() != "bearer":  # RFC 7235: the scheme is case-insensitive
             return False
@@ -179,13 +179,13 @@ class RepositoryAPI:
                     ref = f"store:{model}" + (f":{params['version']}" if params.get("version") else "")
                 if not isinstance(ref, str):
                     return Response.error(400, "parameters.ref must be a string")
-                self._check_trusted(ref)
+                self.check_trusted(ref)
                 result = await control.deploy(ref, source="local", model=model)
         except AgentError as exc:
             return Response.error(exc.http_status, str(exc))
         return Response.json(200, result)
 
-    def _check_trusted(self, ref: str) -> None:
+    def check_trusted(self, ref: str) -> None:
         """A remote reference must lie in a trust scope: the API never makes the node fetch elsewhere."""
         if ref.startswith("store:"):
             return
