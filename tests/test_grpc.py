@@ -217,6 +217,25 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(agent, stub,
     assert decode(stub.ModelInfer(infer_request(), timeout=60))["label"].shape == (3,)
 
 
+def test_an_error_echoing_a_huge_name_keeps_its_status(agent, stub):
+    # The details travel in a header (grpc-message), which clients cap at 16 KiB: one echoing
+    # a client's 40 KB name would reach the client as RESOURCE_EXHAUSTED, not the error it is.
+    name = "n" * 40_000
+    calls = (
+        (lambda: stub.ModelInfer(pb.ModelInferRequest(model_name=name), timeout=60), grpc.StatusCode.NOT_FOUND),
+        (lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=60), grpc.StatusCode.NOT_FOUND),
+        (lambda: stub.ModelInfer(infer_request(model_version=name), timeout=60), grpc.StatusCode.NOT_FOUND),
+    )
+    for call, code in calls:
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == code, info.value.details()[:200]
+        assert info.value.details().startswith(("unknown model 'nnn", "model digits has no loaded version 'nnn"))
+    with grpc.insecure_channel(target(agent)) as channel, pytest.raises(grpc.RpcError) as info:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name), timeout=60)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value.details()[:200]
+
+
 def test_typed_contents_are_checked(stub):
     request = pb.ModelInferRequest(model_name="digits")
     tensor = request.inputs.add(name="pixels", datatype="FP32", shape=[1, 64])
@@ -269,6 +288,19 @@ def test_repository_rpcs_need_the_token(agent, stub):
     assert stub.RepositoryModelLoad(request, metadata=auth).isLoaded is True
     index = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), metadata=auth)
     assert [(m.name, m.version, m.state) for m in index.models] == [("digits", "1", "READY")]
+
+
+def test_repository_rpcs_without_a_model_name_are_invalid_argument(agent, stub):
+    auth = (("authorization", control_headers(agent.agent.config.state_dir)["Authorization"]),)
+    for call, request in (
+        (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest()),
+        (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest()),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, metadata=auth, timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert info.value.details() == "model_name is empty"
+    assert stub.ModelReady(pb.ModelReadyRequest(name="digits")).ready is True
 
 
 # -- health, TLS, listening -------------------------------------------------------------------------
@@ -346,6 +378,17 @@ def test_unreadable_tls_file_stops_the_start_with_a_config_error(agent_process, 
     assert "grpc_tls_cert" in proc.log()
 
 
+def test_a_tls_key_that_does_not_fit_its_certificate_is_a_config_error(agent_process, tmp_path: Path):
+    # A config error (exit 78: systemd does not restart it), not a listen error that restarts forever.
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    cert, _ = self_signed(tmp_path / "one")
+    _, other_key = self_signed(tmp_path / "two")
+    proc = agent_process(env={"EDGE_AGENT_GRPC_TLS_CERT": str(cert), "EDGE_AGENT_GRPC_TLS_KEY": str(other_key)})
+    assert proc.proc.wait(120) == exitcodes.CONFIG
+    assert "grpc_tls_key" in proc.log()
+
+
 def test_grpc_port_in_use_is_a_listen_error(agent_process):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -372,19 +415,27 @@ def test_many_agents_in_one_process_each_get_a_grpc_port(make_agent, tmp_path: P
             assert pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest()).ready is True
 
 
-def test_calls_beyond_the_concurrency_limit_are_refused_at_once(make_agent):
-    agent = make_agent(setup=_with_grpc, grpc_max_concurrent_rpcs=1)
+def test_calls_beyond_the_concurrency_limit_are_refused_at_once(make_agent, tmp_path: Path):
+    agent = make_agent(
+        setup=_with_scale(tmp_path, timeout_ms=3000), request_timeout_ms=3000, grpc_max_concurrent_rpcs=1
+    )
     with grpc.insecure_channel(target(agent)) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
-        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # holds the one slot
+        held = stub.ModelInfer.future(scale_request(-1), timeout=120)  # spins to its deadline: holds the one slot
+        slots = agent.agent.grpc.servicer.slots
+        for _ in range(1200):  # until the server holds the call; a hang guard
+            if slots.active or held.done():
+                break
+            threading.Event().wait(0.01)
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(infer_request(), timeout=60)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "grpc_max_concurrent_rpcs" in info.value.details()
         assert stub.ServerLive(pb.ServerLiveRequest(), timeout=60).live is True  # holds nothing: not counted
-        watch.cancel()
-        for _ in range(600):  # the slot comes back once the server has seen the cancel; a hang guard
+        with pytest.raises(grpc.RpcError) as info:
+            held.result(120)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(600):  # the slot comes back once the handler has returned; a hang guard
             try:
                 assert decode(stub.ModelInfer(infer_request(), timeout=60))["label"].shape == (3,)
                 break
@@ -393,6 +444,58 @@ def test_calls_beyond_the_concurrency_limit_are_refused_at_once(make_agent):
                 threading.Event().wait(0.05)
         else:
             raise AssertionError("the slot never came back")
+
+
+def test_health_watch_streams_do_not_take_inference_slots(make_agent):
+    # A Watch stream lasts as long as its client likes: were it counted with inference calls,
+    # grpc_max_concurrent_rpcs idle watchers would shut every client out of ModelInfer.
+    agent = make_agent(setup=_with_grpc, grpc_max_concurrent_rpcs=1)
+    with grpc.insecure_channel(target(agent)) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        assert decode(stub.ModelInfer(infer_request(), timeout=60))["label"].shape == (3,)
+        second = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        with pytest.raises(grpc.RpcError) as info:
+            next(second)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Watch" in info.value.details()
+        assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=60).status == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+        watch.cancel()
+
+
+def test_connections_are_bounded_by_max_connections(make_agent):
+    # As REST's are: else a flood of connections takes the process's file descriptors (and the store's).
+    agent = make_agent(setup=_with_grpc, max_connections=2)
+
+    def connect() -> grpc.Channel:
+        return grpc.insecure_channel(target(agent), options=[("grpc.use_local_subchannel_pool", 1)])
+
+    def live(channel: grpc.Channel) -> bool:
+        return pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=30).live
+
+    first, second, third = connect(), connect(), connect()
+    try:
+        assert live(first) and live(second)
+        with pytest.raises(grpc.RpcError) as info:
+            live(third)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for channel in (first, second, third):
+            channel.close()
+    for _ in range(600):  # closed connections make room once the server has seen them go; a hang guard
+        with connect() as channel:
+            try:
+                assert live(channel)
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+        threading.Event().wait(0.05)
+    else:
+        raise AssertionError("no connection was let in after the others closed")
 
 
 def _with_scale(tmp_path: Path, timeout_ms: int = 200):
@@ -408,6 +511,51 @@ def scale_request(value: float) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name="scale")
     request.inputs.add(name="x", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([value, 1, 1, 1])
     return request
+
+
+def test_input_bytes_held_at_once_are_bounded_as_rest_bodies_are(make_agent, tmp_path: Path):
+    # max_inflight_body_bytes bounds the input tensors gRPC calls hold at once, as it bounds REST bodies:
+    # else grpc_max_concurrent_rpcs calls of max_body_bytes each could be held together.
+    budget = 160 * 1024
+    agent = make_agent(
+        setup=_with_scale(tmp_path, timeout_ms=3000),
+        request_timeout_ms=3000,
+        max_body_bytes=budget,
+        max_inflight_body_bytes=budget,
+    )
+    rows = np.ones((6000, 4), np.float32)  # 96,000 bytes, over the 64 KiB always admitted
+    rows[0, 0] = -1  # the model spins until its timeout: the call holds its inputs till then
+
+    def big(x: np.ndarray) -> pb.ModelInferRequest:
+        request = pb.ModelInferRequest(model_name="scale", raw_input_contents=[x.tobytes()])
+        request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+        return request
+
+    with grpc.insecure_channel(target(agent)) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        held = stub.ModelInfer.future(big(rows), timeout=120)
+        slots = agent.agent.grpc.servicer.slots
+        for _ in range(1200):  # until the server holds the call; a hang guard
+            if slots.bytes_held or held.done():
+                break
+            threading.Event().wait(0.01)
+        assert slots.bytes_held == rows.nbytes
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(big(np.ones((6000, 4), np.float32)), timeout=60)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+        assert "max_inflight_body_bytes" in info.value.details()
+        small = stub.ModelInfer(scale_request(2), timeout=60)  # small calls are always admitted
+        assert np.frombuffer(small.raw_output_contents[0], np.float32).tolist() == [2, 2, 3, 4]
+        with pytest.raises(grpc.RpcError) as info:
+            held.result(120)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(1200):  # the status goes out before the call's handler returns; a hang guard
+            if not slots.bytes_held:
+                break
+            threading.Event().wait(0.01)
+        assert slots.bytes_held == 0
+        answer = stub.ModelInfer(big(np.ones((6000, 4), np.float32)), timeout=60)
+        assert np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(-1, 4)[0].tolist() == [1, 2, 3, 4]
 
 
 def test_model_failures_get_internal_and_deadline_exceeded(make_agent, tmp_path: Path):

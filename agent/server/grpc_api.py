@@ -59,6 +59,8 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 WATCH_POLL_S = 0.5
 # Streams one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
 MAX_STREAMS_PER_CONNECTION = 128
+# Inputs this small are admitted whatever the byte budget holds (as REST admits bodies up to 64 KiB).
+SMALL_INPUT_BYTES = 64 * 1024
 
 # The gRPC status of every error, keyed by the error class's http_status (agent/errors.py):
 # declared, not derived, like the error contract itself. A status missing here answers INTERNAL;
@@ -150,7 +152,7 @@ def _from_raw(tspec: TensorSpec, shape: list[int], data: bytes, index: int) -> n
             f"input {tspec.name}: raw_input_contents[{index}] holds {len(data)} bytes; "
             f"shape {shape} of {tspec.datatype} needs {expected}"
         )
-    if dtype.kind == "b" and data and max(data) > 1:
+    if dtype.kind == "b" and data and int(np.frombuffer(data, dtype=np.uint8).max()) > 1:
         raise BadRequest(f"input {tspec.name}: BOOL bytes must be 0 or 1")
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
@@ -194,19 +196,34 @@ class CallSlots:
 
     One past ``limit`` is refused at once with RESOURCE_EXHAUSTED. grpc.aio's own
     ``maximum_concurrent_rpcs`` is not used: it makes the extra calls wait, unbounded, in grpc's queue.
+    The input tensors inference calls hold at once are bounded by ``byte_limit``
+    (``max_inflight_body_bytes``, as REST bodies are): a call that would pass it is refused the same way.
     """
 
-    def __init__(self, *, limit: int):
+    def __init__(self, *, limit: int, byte_limit: int, what: str = "gRPC calls"):
         self.limit = limit
+        self.what = what
         self.active = 0
+        self.byte_limit = byte_limit
+        self.bytes_held = 0
 
     async def enter(self, context: grpc.aio.ServicerContext) -> None:
         if self.active >= self.limit:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.limit} gRPC calls are in progress already (grpc_max_concurrent_rpcs); retry later",
+                f"{self.limit} {self.what} are in progress already (grpc_max_concurrent_rpcs); retry later",
             )
         self.active += 1
+
+    async def hold(self, size: int, context: grpc.aio.ServicerContext) -> None:
+        """Count ``size`` input bytes as held (give them back with ``bytes_held -= size``), or refuse the call."""
+        if size > SMALL_INPUT_BYTES and self.bytes_held + size > self.byte_limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"gRPC calls in progress hold {self.bytes_held} bytes of inputs already; this one's {size} would "
+                f"pass max_inflight_body_bytes ({self.byte_limit}); retry later",
+            )
+        self.bytes_held += size
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -274,16 +291,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
         start = time.perf_counter()
+        slots = self.slots
+        held = 0
         try:
             loaded = self.models.get(request.model_name, request.model_version or None)
             spec = loaded.spec
             tensors = decode_inputs(request, spec)
+            size = sum(array.nbytes for array in tensors.values())
+            await slots.hold(size, context)
+            held = size
             wanted = requested_outputs(request, spec)
             arrays, batch = loaded.prepare(tensors)
             result = self.core.infer(loaded, arrays, batch)
             outputs = result if isinstance(result, list) else await result
         except AgentError as exc:
             await _abort(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # a defect: answered as REST answers one (500 "internal error"), logged; serving goes on
+            log.exception("gRPC inference failed unexpectedly", model=request.model_name)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            slots.bytes_held -= held
         by_name = dict(zip((t.name for t in spec.outputs), outputs, strict=True))
         response = pb.ModelInferResponse(model_name=loaded.name, model_version=loaded.version, id=request.id)
         for tspec in wanted:
@@ -308,9 +337,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> Any:
         api = await self._authorized(context)
-        model = _model_name(request)
         await self.slots.enter(context)
         try:
+            model = _model_name(request)
             params = _repository_params(request.parameters, {"ref": "string_param", "version": "string_param"})
             ref = params.get("ref") or f"store:{model}" + (f":{params['version']}" if params.get("version") else "")
             api.check_trusted(ref)
@@ -325,9 +354,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> Any:
         api = await self._authorized(context)
-        model = _model_name(request)
         await self.slots.enter(context)
         try:
+            model = _model_name(request)
             # Triton's client always sends unload_dependents; a Wasm model has no dependents.
             _repository_params(request.parameters, {"unload_dependents": "bool_param"})
             await api.control.unload(model, source="local")
@@ -382,8 +411,18 @@ def _repository_params(params: Mapping[str, pb.ModelRepositoryParameter], known:
     return values
 
 
+# The most characters of details an error carries: they travel in a header (grpc-message, UTF-8 then
+# percent-encoded: up to 12 bytes a character) that clients cap at 8 KiB (soft) to 16 KiB, and a
+# message may echo a name the client sent.
+MAX_DETAILS_CHARS = 512
+
+
+def _details(text: str) -> str:
+    return text if len(text) <= MAX_DETAILS_CHARS else text[: MAX_DETAILS_CHARS - 3] + "..."
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: AgentError) -> NoReturn:
-    await context.abort(grpc_status(exc), str(exc))
+    await context.abort(grpc_status(exc), _details(str(exc)))
     raise AssertionError("abort returned")  # pragma: no cover - abort always raises
 
 
@@ -415,7 +454,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> Any:
         status = self._status(request.service)
         if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, _details(f"unknown service {request.service!r}"))
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(
@@ -457,6 +496,7 @@ class GrpcServer:
         health: HealthServicer,
         max_message_bytes: int,
         max_metadata_bytes: int,
+        max_connections: int,
         drain_timeout_s: float,
         log: FilteringBoundLogger,
     ):
@@ -467,6 +507,7 @@ class GrpcServer:
         self.health = health
         self.max_message_bytes = max_message_bytes
         self.max_metadata_bytes = max_metadata_bytes
+        self.max_connections = max_connections
         self.drain_timeout_s = drain_timeout_s
         self.log = log
         self.address: tuple[str, int] | None = None
@@ -483,6 +524,8 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_metadata_size", self.max_metadata_bytes),
                 ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+                # One more connection is closed at once, as REST's max_connections does: fds are finite.
+                ("grpc.max_allowed_incoming_connections", self.max_connections),
                 # Else a second agent on the same port would bind it too and take half its calls.
                 ("grpc.so_reuseport", 0),
             ],
@@ -495,7 +538,12 @@ class GrpcServer:
             else:
                 port = server.add_insecure_port(self.listen)
         except RuntimeError as exc:
-            what = "the address is in use or not local" + (", or the TLS key does not fit" if self.credentials else "")
+            if self.credentials is not None and not await _credentials_usable(self.credentials):
+                raise ConfigError(
+                    "grpc_tls_cert, grpc_tls_key: gRPC cannot use them: they must be a PEM certificate chain "
+                    "and the PEM private key that fits it"
+                ) from exc
+            what = "the address is in use or not local"
             raise ListenError(f"cannot listen on {self.listen} (grpc_listen): {what}") from exc
         await server.start()
         self._server = server
@@ -511,6 +559,18 @@ class GrpcServer:
             return
         self._server = None
         await server.stop(self.drain_timeout_s)
+
+
+async def _credentials_usable(credentials: grpc.ServerCredentials) -> bool:
+    """Whether a server can listen with ``credentials`` on a free loopback port (grpc says no more)."""
+    probe = grpc.aio.server()
+    try:
+        probe.add_secure_port("127.0.0.1:0", credentials)
+    except RuntimeError:
+        return False
+    finally:
+        await probe.stop(None)
+    return True
 
 
 def build_grpc_server(
@@ -535,7 +595,9 @@ def build_grpc_server(
             "API token can change the models this node serves",
             grpc_listen=config.grpc_listen,
         )
-    slots = CallSlots(limit=config.grpc_max_concurrent_rpcs)
+    slots = CallSlots(limit=config.grpc_max_concurrent_rpcs, byte_limit=config.max_inflight_body_bytes)
+    # Watch streams last as long as their clients like: counted apart, so idle watchers never take inference's slots.
+    watch_slots = CallSlots(limit=config.grpc_max_concurrent_rpcs, byte_limit=0, what="health Watch streams")
     credentials = None
     if config.grpc_tls_cert is not None and config.grpc_tls_key is not None:
         cert = _read_pem(config.grpc_tls_cert, "grpc_tls_cert")
@@ -546,9 +608,10 @@ def build_grpc_server(
         port=address[1],
         credentials=credentials,
         servicer=InferenceServicer(models=models, core=core, is_ready=is_ready, repository=repository, slots=slots),
-        health=HealthServicer(is_ready=is_ready, slots=slots),
+        health=HealthServicer(is_ready=is_ready, slots=watch_slots),
         max_message_bytes=config.max_body_bytes,
         max_metadata_bytes=config.max_header_bytes,
+        max_connections=config.max_connections,
         drain_timeout_s=config.drain_timeout_s,
         log=log,
     )
