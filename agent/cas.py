@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from agent.errors import CorruptBlob, NotFound
+from agent.errors import CorruptBlob, NotFound, Unavailable
 from agent.fsmodes import PRIVATE_DIR, private_dirs, private_opener
 
 CHUNK = 1 << 20
@@ -58,7 +58,10 @@ def map_readonly(path: Path) -> memoryview:
     finally:
         os.close(fd)
     buffer = (ctypes.c_char * size).from_address(addr)
-    weakref.finalize(buffer, _munmap, addr, size)
+    unmap = weakref.finalize(buffer, _munmap, addr, size)
+    # Not at interpreter exit: a daemon thread (an agent run on one) may still read the arrays
+    # then, and the process's end unmaps everything anyway.
+    unmap.atexit = False
     return memoryview(buffer).cast("B").toreadonly()
 
 
@@ -121,15 +124,10 @@ class BlobWriter:
     def digest(self) -> str:
         return "sha256:" + self._hash.hexdigest()
 
-    def commit(self, durable: bool = True) -> str:
-        """Make the blob visible under its digest; returns the digest.
-
-        ``durable=False`` skips the fsyncs: the caller syncs many blobs at once (``os.sync``)
-        before anything records them (a bulk import).
-        """
+    def commit(self) -> str:
+        """Make the blob visible under its digest; returns the digest."""
         self._fh.flush()
-        if durable:
-            os.fsync(self._fh.fileno())
+        os.fsync(self._fh.fileno())
         self._fh.close()
         digest = self.digest
         if self.expected is not None and digest != self.expected:
@@ -138,10 +136,16 @@ class BlobWriter:
             raise CorruptBlob(f"blob content hashes to {digest}, expected {self.expected}")
         final = self._store.path(digest)
         os.replace(self.path, final)
-        if durable:
-            fsync_dir(final.parent)
+        fsync_dir(final.parent)
         self._done = True
         return digest
+
+    def stage(self) -> Path:
+        """Close the file, neither synced nor renamed under its digest (:meth:`BlobStore.publish` does
+        that after the caller synced); returns where it is."""
+        self._fh.close()
+        self._done = True
+        return self.path
 
     def abort(self, keep_partial: bool = True) -> None:
         """Stop writing; a named partial is kept for resume unless told otherwise."""
@@ -169,6 +173,8 @@ class BlobStore:
         self.tmp_dir = self.root / "tmp"
         private_dirs(self.blob_dir)
         private_dirs(self.tmp_dir)
+        # Blobs put with durable=False: written to tmp/, not yet under their digests (see publish).
+        self._unpublished: dict[str, Path] = {}
 
     def path(self, digest: str) -> Path:
         return self.blob_dir / split_digest(digest)[1]
@@ -195,15 +201,34 @@ class BlobStore:
         return BlobWriter(self, expected, resume)
 
     def put_bytes(self, data: bytes, expected: str | None = None, durable: bool = True) -> str:
-        """Store ``data`` under its digest (``durable``: see :meth:`BlobWriter.commit`)."""
+        """Store ``data`` under its digest.
+
+        ``durable=False`` skips the fsyncs, for a caller that syncs many blobs at once (a bulk
+        import): the blob is written to tmp/ and goes under its digest only at :meth:`publish`,
+        which the caller calls after ``os.sync()``. A crash before then leaves no torn file under
+        a digest, which every later put or pull of that content would trust (:meth:`has`).
+        """
         digest = sha256_digest(data)
         if expected is not None and digest != expected:
             raise CorruptBlob(f"blob content hashes to {digest}, expected {expected}")
-        if self.has(digest):
+        if self.has(digest) or digest in self._unpublished:
             return digest
         with self.writer() as writer:
             writer.write(data)
-            return writer.commit(durable)
+            if durable:
+                return writer.commit()
+            self._unpublished[digest] = writer.stage()
+            return digest
+
+    def publish(self) -> None:
+        """Move the blobs put with ``durable=False`` under their digests, then sync the blob
+        directory. Call it once their data is on disk (``os.sync()``)."""
+        if not self._unpublished:
+            return
+        for digest, path in self._unpublished.items():
+            os.replace(path, self.path(digest))
+        self._unpublished.clear()
+        fsync_dir(self.blob_dir)
 
     def put_file(self, src: Path, expected: str | None = None) -> str:
         with open(src, "rb") as fh, self.writer() as writer:
@@ -230,6 +255,8 @@ class BlobStore:
             data = map_readonly(self.path(digest))
         except FileNotFoundError as exc:
             raise NotFound(f"blob {digest} is not in the store") from exc
+        except OSError as exc:  # mmap's own failures too (ENOMEM: the address space, vm.max_map_count)
+            raise Unavailable(f"blob {digest} cannot be mapped: {exc.strerror or exc}") from exc
         if verify:
             actual = "sha256:" + hashlib.sha256(data).hexdigest()
             if actual != digest:

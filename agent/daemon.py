@@ -238,7 +238,10 @@ class Agent:
             try:
                 outcomes.append((record, self.models.load(record)))
             except AgentError as exc:
-                outcomes.append((record, exc))
+                # Kept without its traceback: it holds this frame, whose ``outcomes`` holds it, a
+                # cycle the collector (off while loading, then frozen) would not free, and with it
+                # the failed load's frames: its mapped weights, its instances.
+                outcomes.append((record, exc.with_traceback(None)))
         return outcomes
 
     def _ready_models(self) -> dict[str, Any]:
@@ -273,12 +276,15 @@ class Agent:
             return
         self.stopping = True
         self.log.info("agent stopping", in_flight=self.http.requests_in_flight)
+        # Batched requests go now, not after their queue delay: before the services stop, since
+        # the gRPC API (a service) drains its calls, queued ones among them, in its stop.
+        self.models.flush_batchers()
         for service in reversed(self.services):
             try:
                 await service.stop()
             except Exception as exc:  # noqa: BLE001 - one failing service must not keep the others running
                 self.log.error("service failed to stop", service=type(service).__name__, error=repr(exc))
-        self.models.flush_batchers()  # batched requests go now, not after their queue delay
+        self.models.flush_batchers()  # again: versions that first batched while the services stopped
         clean = await self.http.shutdown(self.config.drain_timeout_s)
         if not clean:
             self.log.warning("drain timed out; remaining connections closed", timeout_s=self.config.drain_timeout_s)

@@ -53,9 +53,10 @@ class ModelRepository:
     ) -> None:
         """Import many model directories, one by one as :meth:`import_dir` would, with one sync
         of the file system per ``batch`` rather than two fsyncs per blob: each batch's blobs are
-        written, then synced (``os.sync``), then recorded, so a row never names a blob that a
-        crash could lose. ``on_each(directory, record or the refusal, activated)`` is called for
-        every directory. A version becomes active with ``activate``, or when its model has none.
+        written, then synced (``os.sync``), then moved under their digests (``BlobStore.publish``),
+        then recorded, so a row never names a blob that a crash could lose, nor a digest a torn
+        file. ``on_each(directory, record or the refusal, activated)`` is called for every directory.
+        A version becomes active with ``activate``, or when its model has none.
         """
         for lo in range(0, len(directories), batch):
             staged: list[tuple[Path, ModelSpec, tuple[str, str, str], str]] = []
@@ -85,7 +86,8 @@ class ModelRepository:
                 names[(spec.name, spec.version)] = digests
                 staged.append((directory, spec, digests, f"import:{resolved}"))
             if staged:
-                os.sync()
+                os.sync()  # the batch's blobs are on disk: now under their digests, then recorded
+                self.blobs.publish()
             for directory, spec, digests, source in staged:
                 record = self.db.add_version(spec.name, spec.version, *digests, source=source)
                 mrec = self.db.get_model(spec.name)

@@ -467,3 +467,45 @@ def test_a_request_alone_goes_when_its_delay_expires(batch_agent):
     status, body = infer(agent, "batchy", rows_of(3))
     assert status == 200, body
     assert metric(agent, "edge_agent_batch_size_sum", model="batchy", version="1") == 1
+
+
+def test_stopping_the_agent_answers_a_grpc_request_queued_for_batching(make_agent, tmp_path):
+    """The gRPC API stops (draining its calls) before the REST one: the batching queues must go at
+    once from the start of the stop, not after the gRPC drain gave up on a call waiting its delay."""
+    import grpc
+
+    from agent.server.proto import inference_pb2 as pb
+    from agent.server.proto import inference_pb2_grpc as pb_grpc
+    from agent.wiring import attach_grpc, attach_lifecycle
+
+    def setup(agent: Any) -> None:
+        agent.repository.import_dir(make_batch_model(tmp_path / "batchy", "batchy", batching=deterministic(4)))
+        agent.db.set_active("batchy", "1")
+        attach_lifecycle(agent, rollback_grace_s=ROLLBACK_GRACE_S)
+        attach_grpc(agent)
+
+    agent = make_agent(setup=setup, seed_bundled=False, drain_timeout_s=0.5)
+    host, port = agent.agent.grpc.address
+    rows = rows_of(3)
+    request = pb.ModelInferRequest(model_name="batchy")
+    tensor = request.inputs.add(name="x", datatype="FP32")
+    tensor.shape.extend(rows.shape)
+    request.raw_input_contents.append(rows.tobytes())
+    results: list[Any] = []
+
+    def call() -> None:
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
+            try:
+                results.append(pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=120))
+            except grpc.RpcError as exc:
+                results.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    wait_for(lambda: metric(agent, "edge_agent_batch_queue_depth", model="batchy", version="1") == 1, "queued")
+    agent.stop()
+    thread.join(120)
+    [response] = results
+    assert isinstance(response, pb.ModelInferResponse), response
+    got = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
+    assert np.array_equal(got, (rows * np.asarray(SCALE, dtype=np.float32)).ravel())

@@ -313,3 +313,132 @@ def test_the_instance_settings_are_checked(tmp_path: Path) -> None:
     for key, value in (("max_instances", -1), ("instance_idle_s", -0.5)):
         with pytest.raises(ConfigError, match="must be 0 or more"):
             Config.load(env={}, overrides={"state_dir": tmp_path, key: value})
+
+
+def test_a_release_racing_a_close_cannot_make_the_budget_spin(env: Any) -> None:
+    """A release that saw the pool open appends its instance after close() cleared the pool but
+    before it left the budget: another pool's reserve, at the budget, must not pick that closing
+    pool's instance for ever (it held the budget's lock, and close() waits for it: a deadlock)."""
+    budget = InstanceBudget(limit=2)
+    a = load(env, "a", budget=budget, scale=1.0)
+    b = load(env, "b", budget=budget, scale=2.0)
+    in_use = a.pool.acquire(timeout=5)
+    # The interleaving, one step at a time: close() marks the pool closed and clears it, then the
+    # release that checked ``_closed`` before that appends (release has no lock on its fast path).
+    with a.pool._cond:
+        a.pool._closed = True
+        a.pool._idle.clear()
+    a.pool._idle.append(in_use)
+    outcome: list[BaseException | None] = []
+
+    def grow_b() -> None:
+        held = b.pool.acquire(timeout=5)
+        try:
+            b.pool.acquire(timeout=0.2)  # a second b instance: needs a slot, none can be evicted
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+        b.pool.release(held)
+
+    thread = threading.Thread(target=grow_b, daemon=True)
+    thread.start()
+    thread.join(60)  # hang guard only
+    assert not thread.is_alive(), "reserve spun on a closing pool's instance"
+    assert len(outcome) == 1 and isinstance(outcome[0], Unavailable)
+    budget.unregister(a.pool, a.pool.live)  # the rest of a's close()
+    b.close()
+    assert budget.live == 0
+
+
+@pytest.mark.parametrize("failure", ["corrupt blob", "golden mismatch"])
+def test_a_version_that_fails_to_load_at_start_up_leaves_no_mapping_behind(
+    make_agent: Any, tmp_path: Path, failure: str
+) -> None:
+    """Start-up loads with the collector off, then freezes what lives (gc.freeze): a failed load's
+    exception, kept with its traceback in a reference cycle, would keep its frames — the mapped
+    weights of a corrupt blob, a warm-up's pool and instances — for the agent's whole life."""
+    weights: list[Path] = []
+
+    def setup(agent: Any) -> None:
+        golden = [9.0] * 4 if failure == "golden mismatch" else None
+        directory = make_scale_model(tmp_path / "m", scale=(3, 3, 3, 3), golden_override=golden)
+        record = agent.repository.import_dir(directory)
+        agent.db.set_active("scale", "1")
+        blob = agent.blobs.path(record.weights_digest)
+        if failure == "corrupt blob":
+            data = bytearray(blob.read_bytes())
+            data[-1] ^= 0xFF  # same size, other content: it maps, then fails its hash
+            blob.chmod(0o600)
+            blob.write_bytes(bytes(data))
+        weights.append(blob)
+
+    agent = make_agent(setup=setup, seed_bundled=False)
+    assert "scale" in agent.agent.models.broken
+    maps = Path("/proc/self/maps").read_text()
+    assert str(weights[0]) not in maps, "the corrupt blob is still mapped"
+
+
+MAPPED_AT_EXIT = """
+import sys, threading
+import numpy as np
+from pathlib import Path
+from agent.cas import map_readonly
+
+array = np.frombuffer(map_readonly(Path(sys.argv[1])), np.float32)
+reading = threading.Event()
+
+def reader():
+    while True:
+        reading.set()
+        array.sum()
+
+threading.Thread(target=reader, daemon=True).start()
+reading.wait()
+"""
+
+
+def test_a_mapping_is_not_unmapped_at_interpreter_exit_under_a_thread_still_reading_it(tmp_path: Path) -> None:
+    """Agents on daemon threads (the tests', a simulator's) may still read weights while the
+    interpreter exits: the exit must not unmap them from under those threads (a segfault)."""
+    blob = tmp_path / "blob"
+    blob.write_bytes(np.random.default_rng(1).random(8 << 20, dtype=np.float32).tobytes())
+    done = subprocess.run(
+        [sys.executable, "-c", MAPPED_AT_EXIT, str(blob)], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+
+
+def test_a_blob_put_without_fsync_is_not_under_its_digest_until_synced_and_published(tmp_path: Path) -> None:
+    """A bulk import skips the fsyncs and syncs once: a blob renamed under its digest before its
+    data is on disk can be torn by a crash (zero length, holes), and every later import or pull
+    of that content would trust it (``has``). It is renamed into place only after the sync."""
+    import os
+
+    blobs = BlobStore(tmp_path / "state")
+    data = b"weights" * 1000
+    digest = blobs.put_bytes(data, durable=False)
+    assert not blobs.has(digest), "an unsynced blob is visible under its digest"
+    assert blobs.put_bytes(data, durable=False) == digest  # the same content again: one file
+    os.sync()
+    blobs.publish()
+    assert blobs.has(digest) and blobs.read_bytes(digest) == data
+    assert list((tmp_path / "state" / "tmp").iterdir()) == []
+
+
+def test_a_weights_blob_that_cannot_be_mapped_breaks_its_model_not_start_up(make_agent: Any, tmp_path: Path) -> None:
+    """mmap can fail where a read would not (ENOMEM past vm.max_map_count or the address space;
+    here ENODEV: a directory in the blob's place): that version is broken, the others serve."""
+
+    def setup(agent: Any) -> None:
+        for name, scale in (("good", 2.0), ("unmappable", 3.0)):
+            record = agent.repository.import_dir(make_scale_model(tmp_path / name, name=name, scale=(scale,) * 4))
+            agent.db.set_active(name, "1")
+        blob = agent.blobs.path(record.weights_digest)
+        blob.unlink()
+        blob.mkdir()
+
+    agent = make_agent(setup=setup, seed_bundled=False)
+    assert "unmappable" in agent.agent.models.broken
+    status, body = http("POST", agent.url + "/v2/models/good/infer", x_request(1))
+    assert status == 200 and body["outputs"][0]["data"] == [2, 2, 2, 2]

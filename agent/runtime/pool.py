@@ -28,6 +28,7 @@ descheduled on a busy machine, and the version may run inline again.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -82,11 +83,14 @@ class InstanceBudget:
             if self.limit <= 0 or self.live < self.limit:
                 self.live += 1
                 return True
+            # A pool whose instance cannot be dropped (closing, or it was taken meanwhile) is not
+            # picked again by this call: each pass drops one or rules one out, so it ends.
+            passed: set[int] = set()
             while True:
                 victim: InstancePool | None = None
                 oldest = 0.0
                 for other in self._pools.values():
-                    if other is pool:
+                    if other is pool or id(other) in passed:
                         continue
                     idle = other._idle
                     if idle:
@@ -102,6 +106,7 @@ class InstanceBudget:
                     # The victim's slot passes to the caller: ``live`` is unchanged.
                     self.evicted += 1
                     return True
+                passed.add(id(victim))
 
     def release(self, slots: int = 1) -> None:
         with self._lock:
@@ -301,6 +306,10 @@ class InstancePool:
             return
         instance.last_used = time.monotonic()
         self._idle.append(instance)
+        if self._closed:  # close() ran since the check above: the instance is not kept
+            with self._cond, contextlib.suppress(ValueError):
+                self._idle.remove(instance)
+            return
         if self._waiters:
             with self._cond:
                 self._cond.notify()
