@@ -35,6 +35,9 @@ _munmap = _libc.munmap
 _munmap.restype = ctypes.c_int
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_syncfs = _libc.syncfs
+_syncfs.restype = ctypes.c_int
+_syncfs.argtypes = [ctypes.c_int]
 
 
 def map_readonly(path: Path) -> memoryview:
@@ -205,7 +208,7 @@ class BlobStore:
 
         ``durable=False`` skips the fsyncs, for a caller that syncs many blobs at once (a bulk
         import): the blob is written to tmp/ and goes under its digest only at :meth:`publish`,
-        which the caller calls after ``os.sync()``. A crash before then leaves no torn file under
+        which the caller calls after :meth:`sync`. A crash before then leaves no torn file under
         a digest, which every later put or pull of that content would trust (:meth:`has`).
         """
         digest = sha256_digest(data)
@@ -220,9 +223,19 @@ class BlobStore:
             self._unpublished[digest] = writer.stage()
             return digest
 
+    def sync(self) -> None:
+        """Flush the file system the store is on (syncfs), not every mounted one (os.sync)."""
+        fd = os.open(self.blob_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs(fd) != 0:  # a write-back error: the data may not be on disk, so nothing is published
+                errno = ctypes.get_errno()
+                raise OSError(errno, f"cannot flush the blob store's file system: {os.strerror(errno)}")
+        finally:
+            os.close(fd)
+
     def publish(self) -> None:
         """Move the blobs put with ``durable=False`` under their digests, then sync the blob
-        directory. Call it once their data is on disk (``os.sync()``)."""
+        directory. Call it once their data is on disk (:meth:`sync`)."""
         if not self._unpublished:
             return
         for digest, path in self._unpublished.items():

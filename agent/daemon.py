@@ -138,7 +138,6 @@ class Agent:
         self.started = False
         self.stopping = False
         self._stop_requested: asyncio.Event | None = None
-        self._froze_gc = False
 
     # -- start-up ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -150,8 +149,9 @@ class Agent:
                 self.log.info("seeded bundled model", model=record.model, version=record.version)
         # Loading thousands of versions makes objects that all live on: the cyclic collector would
         # walk the growing heap again and again (more than half the load time at 3,000 versions).
-        # Off while they load; then frozen (gc.freeze), so a full collection in the middle of
-        # requests does not walk them either (a second for 3,000 versions). stop() unfreezes.
+        # Off while they load. The process's owner (serve_forever) then freezes them (gc.freeze),
+        # so a full collection in the middle of requests does not walk them either (a second for
+        # 3,000 versions); an agent sharing its process with others leaves the collector alone.
         collecting = gc.isenabled()
         gc.disable()
         try:
@@ -159,8 +159,6 @@ class Agent:
         finally:
             if collecting:
                 gc.enable()
-        gc.freeze()
-        self._froze_gc = True
         await self.reaper.start()
         host, port = self.config.host_port
         try:
@@ -291,8 +289,6 @@ class Agent:
         await self.reaper.stop()
         self.executor.shutdown(wait=True, cancel_futures=False)
         self.models.close()
-        if self._froze_gc:
-            gc.unfreeze()  # what this agent held is collectable again (many agents may share a process)
         self.db.close()
         if self._owns_runtime:
             self.runtime.close()
@@ -314,7 +310,13 @@ class Agent:
         except BaseException:
             await self.stop()
             raise
-        await self._stop_requested.wait()
+        # This agent owns the process: what it loaded lives as long as it does, so the cyclic
+        # collector stops walking it (see start()).
+        gc.freeze()
+        try:
+            await self._stop_requested.wait()
+        finally:
+            gc.unfreeze()
         await self.stop()
         return exitcodes.OK
 

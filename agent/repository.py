@@ -53,7 +53,7 @@ class ModelRepository:
     ) -> None:
         """Import many model directories, one by one as :meth:`import_dir` would, with one sync
         of the file system per ``batch`` rather than two fsyncs per blob: each batch's blobs are
-        written, then synced (``os.sync``), then moved under their digests (``BlobStore.publish``),
+        written, then synced (``BlobStore.sync``: syncfs), then moved under their digests (``BlobStore.publish``),
         then recorded, so a row never names a blob that a crash could lose, nor a digest a torn
         file. ``on_each(directory, record or the refusal, activated)`` is called for every directory.
         A version becomes active with ``activate``, or when its model has none.
@@ -86,7 +86,7 @@ class ModelRepository:
                 names[(spec.name, spec.version)] = digests
                 staged.append((directory, spec, digests, f"import:{resolved}"))
             if staged:
-                os.sync()  # the batch's blobs are on disk: now under their digests, then recorded
+                self.blobs.sync()  # the batch's blobs are on disk: now under their digests, then recorded
                 self.blobs.publish()
             for directory, spec, digests, source in staged:
                 record = self.db.add_version(spec.name, spec.version, *digests, source=source)
@@ -144,7 +144,8 @@ def model_dirs(path: Path) -> list[Path]:
     if not path.is_dir():
         raise NotADirectoryError(path) if path.exists() else FileNotFoundError(path)
     if (path / "model.json").exists():
-        return [path]
+        # The path the user typed may be a link (a `current` link to a release): their choice.
+        return [path.resolve()]
     with os.scandir(path) as entries:
         return sorted(
             Path(entry.path)

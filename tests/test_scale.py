@@ -442,3 +442,22 @@ def test_a_weights_blob_that_cannot_be_mapped_breaks_its_model_not_start_up(make
     assert "unmappable" in agent.agent.models.broken
     status, body = http("POST", agent.url + "/v2/models/good/infer", x_request(1))
     assert status == 200 and body["outputs"][0]["data"] == [2, 2, 2, 2]
+
+
+def test_import_follows_a_link_the_user_typed_but_not_one_inside_a_directory_of_models(tmp_path: Path) -> None:
+    # A `current -> release-7` link on the command line is the user's choice (as before bulk import);
+    # a link met while listing a directory of models is not followed: it could point anywhere.
+    release = make_scale_model(tmp_path / "release-7")
+    (tmp_path / "current").symlink_to(release)
+    collection = tmp_path / "models"
+    collection.mkdir()
+    (collection / "linked").symlink_to(make_scale_model(tmp_path / "elsewhere", name="other"))
+    state = tmp_path / "state"
+
+    proc = run_cli("import", "--state-dir", str(state), str(tmp_path / "current"))
+    assert proc.returncode == exitcodes.OK, proc.stderr
+    proc = run_cli("import", "--state-dir", str(state), str(collection))
+    assert proc.returncode == exitcodes.DATAERR, proc.stderr
+    assert "symbolic link" in proc.stderr
+    listing = json.loads(run_cli("models", "--state-dir", str(state), "--json").stdout)
+    assert {m["model"] for m in listing} == {"scale"}

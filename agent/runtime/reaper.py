@@ -24,12 +24,14 @@ class InstanceReaper:
     # The scan runs this often relative to the idle time, so an instance lives at most 1.25 * idle_s idle.
     SCANS_PER_IDLE = 4
     MAX_INTERVAL_S = 30.0
+    # A tiny instance_idle_s must not turn the scan into a busy loop.
+    MIN_INTERVAL_S = 0.05
 
     def __init__(self, *, budget: InstanceBudget, idle_s: float, executor: Executor):
         self.budget = budget
         self.idle_s = idle_s
         self.executor = executor
-        self.interval_s = min(self.MAX_INTERVAL_S, idle_s / self.SCANS_PER_IDLE)
+        self.interval_s = min(self.MAX_INTERVAL_S, max(self.MIN_INTERVAL_S, idle_s / self.SCANS_PER_IDLE))
         self._task: asyncio.Task[None] | None = None
         self.log = structlog.get_logger("edge_agent.reaper")
 
@@ -59,3 +61,5 @@ class InstanceReaper:
                 await self.reap_now()
             except RuntimeError:
                 return  # the executor is shut down: the agent is stopping
+            except Exception as exc:  # noqa: BLE001 - a failed scan is logged; the next one may succeed
+                self.log.error("idle instance scan failed", error=repr(exc))
