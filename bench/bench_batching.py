@@ -113,6 +113,7 @@ class Agent:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+        env["EDGE_AGENT_GRPC_LISTEN"] = "off"  # the default gRPC port is one per machine; older agents ignore it
         cmd = [sys.executable, "-m", "agent", "run", "--config", str(config), "--state-dir", str(state)]
         cmd += ["--listen", f"127.0.0.1:{self.port}", "--log-level", "warning", "--no-seed"]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -217,6 +217,7 @@ def bench_agent_http(workdir: Path, duration: int) -> dict[str, float]:
     port = free_port()
     state = workdir / "agent-state"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    env["EDGE_AGENT_GRPC_LISTEN"] = "off"  # the default gRPC port is one per machine; older agents ignore it
     cmd = [
         sys.executable,
         "-m",

@@ -89,6 +89,7 @@ def main() -> None:
     swaps = args.swaps or (30 if args.quick else 100)
     workdir = Path(tempfile.mkdtemp(prefix="edge-bench-swap-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    env["EDGE_AGENT_GRPC_LISTEN"] = "off"  # the default gRPC port is one per machine; older agents ignore it
     env["EDGE_AGENT_LIFECYCLE__ROLLBACK_GRACE_S"] = str(args.grace)
     state = workdir / "state"
     port = free_port()

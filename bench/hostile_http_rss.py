@@ -225,6 +225,7 @@ def connection_flood(port: int, count: int, hold_s: float = 2.0) -> collections.
 def start_agent(repo: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    env["EDGE_AGENT_GRPC_LISTEN"] = "off"  # the default gRPC port is one per machine; older agents ignore it
     cmd = [sys.executable, "-m", "agent", "run", "--state-dir", str(workdir / "state")]
     cmd += ["--listen", f"127.0.0.1:{port}", "--log-level", "warning", "--log-format", "json"]
     log = open(workdir / "agent.log", "wb")  # noqa: SIM115 - the agent process holds it

@@ -43,7 +43,17 @@ def test_run_refuses_an_unknown_lifecycle_key_with_exit_78(tmp_path: Path) -> No
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
-    args = ["run", "--config", str(config), "--state-dir", str(tmp_path / "state"), "--listen", f"127.0.0.1:{port}"]
+    args = [
+        "run",
+        "--config",
+        str(config),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--grpc-listen",
+        "127.0.0.1:0",
+    ]
     run = subprocess.run(
         [sys.executable, "-m", "agent", *args, "--no-seed"],
         capture_output=True,

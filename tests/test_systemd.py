@@ -217,6 +217,7 @@ def test_the_agent_compiles_and_serves_inside_the_units_system_call_filter(tmp_p
     log = tmp_path / "agent.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
     argv = ["-m", "agent", "run", "--state-dir", str(tmp_path / "state"), "--listen", f"127.0.0.1:{port}"]
+    argv += ["--grpc-listen", "127.0.0.1:0"]  # the default gRPC port is one per machine
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-c", SECCOMP_EXEC, str(names), *argv], stdout=out, stderr=subprocess.STDOUT, env=env
