@@ -209,20 +209,33 @@ class CallSlots:
 
     async def enter(self, context: grpc.aio.ServicerContext) -> None:
         if self.active >= self.limit:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.limit} {self.what} are in progress already (grpc_max_concurrent_rpcs); retry later",
-            )
+            await self.refuse(context)
         self.active += 1
+
+    async def refuse(self, context: grpc.aio.ServicerContext) -> NoReturn:
+        """Refuse a call that found every slot taken (callers check ``active >= limit``; see ModelInfer)."""
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{self.limit} {self.what} are in progress already (grpc_max_concurrent_rpcs); retry later",
+        )
+        raise AssertionError("abort returned")  # pragma: no cover - abort always raises
+
+    def over(self, size: int) -> bool:
+        """Whether holding ``size`` more input bytes would pass the budget (inputs up to 64 KiB always pass)."""
+        return size > SMALL_INPUT_BYTES and self.bytes_held + size > self.byte_limit
+
+    async def refuse_bytes(self, size: int, context: grpc.aio.ServicerContext) -> NoReturn:
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"gRPC calls in progress hold {self.bytes_held} bytes of inputs already; this one's {size} would "
+            f"pass max_inflight_body_bytes ({self.byte_limit}); retry later",
+        )
+        raise AssertionError("abort returned")  # pragma: no cover - abort always raises
 
     async def hold(self, size: int, context: grpc.aio.ServicerContext) -> None:
         """Count ``size`` input bytes as held (give them back with ``bytes_held -= size``), or refuse the call."""
-        if size > SMALL_INPUT_BYTES and self.bytes_held + size > self.byte_limit:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"gRPC calls in progress hold {self.bytes_held} bytes of inputs already; this one's {size} would "
-                f"pass max_inflight_body_bytes ({self.byte_limit}); retry later",
-            )
+        if self.over(size):
+            await self.refuse_bytes(size, context)
         self.bytes_held += size
 
 
@@ -282,25 +295,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ------------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
-        slots = self.slots
-        await slots.enter(context)
-        try:
-            return await self._infer(request, context)
-        finally:
-            slots.active -= 1
-
-    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
+        # The hot path of the gRPC API: one coroutine, no awaits but on the refusal and worker paths
+        # (the slot checks are plain comparisons; CallSlots.refuse* only run to abort).
         start = time.perf_counter()
         slots = self.slots
+        if slots.active >= slots.limit:
+            await slots.refuse(context)
+        slots.active += 1
         held = 0
         try:
             loaded = self.models.get(request.model_name, request.model_version or None)
             spec = loaded.spec
             tensors = decode_inputs(request, spec)
             size = sum(array.nbytes for array in tensors.values())
-            await slots.hold(size, context)
+            if slots.over(size):
+                await slots.refuse_bytes(size, context)
+            slots.bytes_held += size
             held = size
-            wanted = requested_outputs(request, spec)
+            wanted = requested_outputs(request, spec) if request.outputs else None
             arrays, batch = loaded.prepare(tensors)
             result = self.core.infer(loaded, arrays, batch)
             outputs = result if isinstance(result, list) else await result
@@ -313,15 +325,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
             slots.bytes_held -= held
-        by_name = dict(zip((t.name for t in spec.outputs), outputs, strict=True))
-        response = pb.ModelInferResponse(model_name=loaded.name, model_version=loaded.version, id=request.id)
-        for tspec in wanted:
-            array = np.ascontiguousarray(by_name[tspec.name], dtype=tspec.dtype)
-            out = response.outputs.add()
-            out.name = tspec.name
-            out.datatype = tspec.datatype
-            out.shape.extend(array.shape)
-            response.raw_output_contents.append(array.tobytes())
+            slots.active -= 1
+        response = pb.ModelInferResponse(model_name=spec.name, model_version=spec.version, id=request.id)
+        if wanted is None:
+            pairs = zip(spec.outputs, outputs, strict=True)
+        else:
+            by_name = dict(zip((t.name for t in spec.outputs), outputs, strict=True))
+            pairs = zip(wanted, [by_name[t.name] for t in wanted], strict=True)
+        raw = response.raw_output_contents
+        for tspec, array in pairs:
+            dtype = tspec.dtype
+            if array.dtype != dtype:
+                array = array.astype(dtype)
+            response.outputs.add(name=tspec.name, datatype=tspec.datatype, shape=array.shape)
+            raw.append(array.tobytes())  # C order whatever the array's layout
         self.core.succeeded(loaded, start)
         return response
 
