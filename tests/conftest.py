@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,16 +22,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from modelkit import make_scale_model
+from ports import free_port
 
 from agent.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

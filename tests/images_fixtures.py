@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 from modelkit import SCALE_WAT, make_scale_model
+from ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
@@ -56,12 +57,6 @@ needs_registry = pytest.mark.skipif(
     not os.path.exists(REGISTRY_BIN), reason="docker-registry (Debian package docker-registry) is not installed"
 )
 needs_skopeo = pytest.mark.skipif(SKOPEO is None, reason="skopeo is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

@@ -42,6 +42,7 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from ports import free_port
 
 from agent.mqtt.commands import new_command, sign_command
 
@@ -53,12 +54,6 @@ MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
 needs_mosquitto = pytest.mark.skipif(
     not os.path.exists(MOSQUITTO), reason="mosquitto (Debian package mosquitto) is not installed"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # Waits in these tests are hang guards, not speed checks: generous enough for a loaded 2-core CI machine.

@@ -48,6 +48,7 @@ from mqtt_fixtures import (
     needs_mosquitto,
     wait_until,
 )
+from ports import free_port
 
 from agent.wiring import attach_lifecycle, attach_mqtt
 
@@ -477,3 +478,14 @@ def test_kill_9_with_unacknowledged_messages_loses_nothing(
     assert third.terminate(timeout=HANG_S) == 0
     assert json.loads(recorder.on("/state")[-1].raw)["reason"] == "stopped"
     recorder.close()
+
+
+def test_the_ports_tests_serve_on_are_never_ones_a_client_could_be_given_as_its_source_port(tmp_path: Path) -> None:
+    # Tests kill and restart servers (a broker, an agent) on the ports they picked. Were such a port
+    # in the kernel's ephemeral range, a client retrying it while nothing listens (the agent, the
+    # cable relaying it, a readiness probe) could be given that very port as its source port: a TCP
+    # self-connect, whose TIME_WAIT then holds the port for a minute and the restart fails to bind
+    # ("Address already in use", seen in CI).
+    low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = {Broker(tmp_path / f"b{i}").port for i in range(20)} | {free_port() for _ in range(20)}
+    assert all(not low <= port <= high for port in ports), sorted(ports)

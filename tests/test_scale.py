@@ -464,7 +464,7 @@ def test_import_follows_a_link_the_user_typed_but_not_one_inside_a_directory_of_
     assert {m["model"] for m in listing} == {"scale"}
 
 
-# ``scale`` whose first call on each instance spins ~400M iterations (most of a second) before it
+# ``scale`` whose first call on each instance spins 2G iterations (about a second) before it
 # answers; later calls are microseconds: an instance's first call paying for what is cold.
 COLD_FIRST_CALL_WAT = SCALE_WAT.replace(
     "(global $ready (mut i32) (i32.const 0))",
@@ -474,7 +474,7 @@ COLD_FIRST_CALL_WAT = SCALE_WAT.replace(
     """(if (i32.eqz (global.get $warm))
       (then
         (global.set $warm (i32.const 1))
-        (local.set $i (i32.const 400000000))
+        (local.set $i (i32.const 2000000000))
         (loop $cold (local.set $i (i32.sub (local.get $i) (i32.const 1))) (br_if $cold (local.get $i)))))
     (local.set $x (f32.load (i32.const 256)))""",
 )
@@ -488,9 +488,9 @@ def test_a_lazy_versions_inline_estimate_comes_from_a_warm_call_not_its_first(en
     model = load(env, "cold-first", wasm=wasm, timeout_ms=30_000)
     try:
         assert model.pool.live == 1
-        # The first call is most of a second; a warm one is microseconds. The bound only needs to
-        # sit between the two (generous for a loaded machine): the estimate must be the warm call's.
-        assert model.pool.ewma_us < 100_000, model.pool.ewma_us
+        # The first call is about a second; a warm one is microseconds. The bound only needs to sit
+        # between the two, far from both (a loaded machine stretches each): the estimate must be the warm call's.
+        assert model.pool.ewma_us < 250_000, model.pool.ewma_us
         assert infer(model, 2.0) == [2.0, 1.0, 1.0, 1.0]
     finally:
         model.close()

@@ -32,7 +32,7 @@ import orjson
 
 from agent.errors import BadRequest
 from agent.server.http import Request, Response
-from agent.server.tensors import decode_tensor, encode_outputs
+from agent.server.tensors import decode_tensor, encode_outputs, input_named
 from agent.spec import DATATYPES, ModelSpec, TensorSpec
 
 # The request header as the HTTP server keeps it (names lower-cased), and as a response spells it.
@@ -152,12 +152,7 @@ def decode_inputs(
         name = item.get("name")
         if not isinstance(name, str):
             raise BadRequest(f"inputs[{index}].name must be a string")
-        tspec = spec.input(name)
-        if tspec is None:
-            known = ", ".join(t.name for t in spec.inputs)
-            raise BadRequest(f"model {spec.name} has no input {name!r} (its inputs: {known})")
-        if name in tensors:
-            raise BadRequest(f"input {name!r} is given twice")
+        tspec = input_named(spec, name, tensors)
         params = item.get("parameters")
         if isinstance(params, dict) and "shared_memory_region" in params:
             raise BadRequest(f"input {name}: the shared-memory extensions are not supported; send the data")

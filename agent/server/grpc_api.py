@@ -41,6 +41,7 @@ from agent.server.inference import InferenceCore
 from agent.server.proto import inference_pb2 as pb
 from agent.server.proto import inference_pb2_grpc as pb_grpc
 from agent.server.repository_api import is_loopback
+from agent.server.tensors import input_named
 from agent.spec import ModelSpec, TensorSpec
 
 if TYPE_CHECKING:
@@ -122,12 +123,7 @@ def decode_inputs(request: pb.ModelInferRequest, spec: ModelSpec) -> dict[str, n
     tensors: dict[str, np.ndarray] = {}
     for index, item in enumerate(items):
         name = item.name
-        tspec = spec.input(name)
-        if tspec is None:
-            known = ", ".join(t.name for t in spec.inputs)
-            raise BadRequest(f"model {spec.name} has no input {name!r} (its inputs: {known})")
-        if name in tensors:
-            raise BadRequest(f"input {name!r} is given twice")
+        tspec = input_named(spec, name, tensors)
         if item.datatype != tspec.datatype:
             raise BadRequest(f"input {name}: datatype {item.datatype!r} does not match the model's {tspec.datatype}")
         shape = list(item.shape)

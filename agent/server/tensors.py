@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from array import array as c_array
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -30,14 +31,19 @@ def decode_inputs(doc: Any, spec: ModelSpec) -> dict[str, np.ndarray]:
         name = item.get("name")
         if not isinstance(name, str):
             raise BadRequest(f"inputs[{index}].name must be a string")
-        tspec = spec.input(name)
-        if tspec is None:
-            known = ", ".join(t.name for t in spec.inputs)
-            raise BadRequest(f"model {spec.name} has no input {name!r} (its inputs: {known})")
-        if name in tensors:
-            raise BadRequest(f"input {name!r} is given twice")
-        tensors[name] = decode_tensor(item, tspec)
+        tensors[name] = decode_tensor(item, input_named(spec, name, tensors))
     return tensors
+
+
+def input_named(spec: ModelSpec, name: str, decoded: Mapping[str, object]) -> TensorSpec:
+    """The model's input ``name``, not among those ``decoded`` already; every front end's rule."""
+    tspec = spec.input(name)
+    if tspec is None:
+        known = ", ".join(t.name for t in spec.inputs)
+        raise BadRequest(f"model {spec.name} has no input {name!r} (its inputs: {known})")
+    if name in decoded:
+        raise BadRequest(f"input {name!r} is given twice")
+    return tspec
 
 
 def decode_tensor(item: dict[str, Any], tspec: TensorSpec) -> np.ndarray:
