@@ -32,7 +32,7 @@ import orjson
 
 from agent.errors import BadRequest
 from agent.server.http import Request, Response
-from agent.server.tensors import decode_tensor, encode_outputs, input_named
+from agent.server.tensors import decode_tensor, encode_outputs, input_named, output_named
 from agent.spec import DATATYPES, ModelSpec, TensorSpec
 
 # The request header as the HTTP server keeps it (names lower-cased), and as a response spells it.
@@ -220,10 +220,7 @@ def requested_outputs(doc: dict[str, Any], spec: ModelSpec) -> tuple[list[Tensor
         name = item.get("name") if isinstance(item, dict) else None
         if not isinstance(name, str):
             raise BadRequest(f"outputs[{index}].name must be a string")
-        tspec = spec.output(name)
-        if tspec is None:
-            known = ", ".join(t.name for t in spec.outputs)
-            raise BadRequest(f"model {spec.name} has no output {name!r} (its outputs: {known})")
+        tspec = output_named(spec, name)
         oparams = item.get("parameters")
         flag = default
         if oparams is not None:

@@ -41,7 +41,7 @@ from agent.server.inference import InferenceCore
 from agent.server.proto import inference_pb2 as pb
 from agent.server.proto import inference_pb2_grpc as pb_grpc
 from agent.server.repository_api import is_loopback
-from agent.server.tensors import input_named
+from agent.server.tensors import input_named, output_named
 from agent.spec import ModelSpec, TensorSpec
 
 if TYPE_CHECKING:
@@ -176,10 +176,7 @@ def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> list[Te
         return list(spec.outputs)
     wanted = []
     for item in request.outputs:
-        tspec = spec.output(item.name)
-        if tspec is None:
-            known = ", ".join(t.name for t in spec.outputs)
-            raise BadRequest(f"model {spec.name} has no output {item.name!r} (its outputs: {known})")
+        tspec = output_named(spec, item.name)
         if "classification" in item.parameters:
             raise BadRequest(f"output {item.name}: the classification extension is not supported")
         wanted.append(tspec)

@@ -183,12 +183,17 @@ def requested_outputs(doc: dict[str, Any], spec: ModelSpec) -> list[TensorSpec]:
         name = item.get("name") if isinstance(item, dict) else None
         if not isinstance(name, str):
             raise BadRequest(f"outputs[{index}].name must be a string")
-        tspec = spec.output(name)
-        if tspec is None:
-            known = ", ".join(t.name for t in spec.outputs)
-            raise BadRequest(f"model {spec.name} has no output {name!r} (its outputs: {known})")
-        result.append(tspec)
+        result.append(output_named(spec, name))
     return result
+
+
+def output_named(spec: ModelSpec, name: str) -> TensorSpec:
+    """The model's output ``name``; every front end's rule for a requested output."""
+    tspec = spec.output(name)
+    if tspec is None:
+        known = ", ".join(t.name for t in spec.outputs)
+        raise BadRequest(f"model {spec.name} has no output {name!r} (its outputs: {known})")
+    return tspec
 
 
 def encode_outputs(names: list[TensorSpec], outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
