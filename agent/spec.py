@@ -130,6 +130,68 @@ class BatchingSpec:
         }
 
 
+WASI_NN_ENCODINGS = ("onnx", "ggml", "pytorch")
+WASI_NN_TARGETS = ("cpu", "gpu", "auto")
+WASI_NN_APPS = ("reactor", "command")
+
+
+@dataclass(frozen=True)
+class WasiNnSpec:
+    """``model.json``'s ``wasi_nn`` section: the module imports ``wasi_ephemeral_nn`` and its weights
+    layer is the backend's own model file (docs/WASI_NN.md).
+
+    ``app``: ``reactor`` modules export the Model ABI (``ea_*``) and call WASI-NN from ``ea_init`` /
+    ``ea_run``; ``command`` modules are WASI commands (WasmEdge's example apps), run once per request
+    with ``args`` and the prompt as the last argument.
+    """
+
+    encoding: str
+    target: str = "auto"
+    name: str = "default"  # the name the app passes to load_by_name
+    config: dict[str, Any] = field(default_factory=dict)  # default graph options (ggml: ctx-size, n-predict...)
+    app: str = "reactor"
+    args: tuple[str, ...] = ()
+    gpu_memory_mb: int = 0  # what the model needs on a GPU (admission against the GPU budget)
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> WasiNnSpec:
+        if not isinstance(doc, dict):
+            raise InvalidModel("wasi_nn must be an object")
+        unknown = set(doc) - {"encoding", "target", "name", "config", "app", "args", "gpu_memory_mb"}
+        if unknown:
+            raise InvalidModel(f"wasi_nn has unknown keys {sorted(unknown)}")
+        encoding = doc.get("encoding")
+        if encoding not in WASI_NN_ENCODINGS:
+            raise InvalidModel(f"wasi_nn.encoding must be one of {WASI_NN_ENCODINGS}, got {encoding!r}")
+        target = doc.get("target", "auto")
+        if target not in WASI_NN_TARGETS:
+            raise InvalidModel(f"wasi_nn.target must be one of {WASI_NN_TARGETS}, got {target!r}")
+        name = doc.get("name", "default")
+        if not isinstance(name, str) or not 0 < len(name) <= 128:
+            raise InvalidModel("wasi_nn.name must be a string of 1..128 characters")
+        config = doc.get("config", {})
+        if not isinstance(config, dict):
+            raise InvalidModel("wasi_nn.config must be an object")
+        app = doc.get("app", "reactor")
+        if app not in WASI_NN_APPS:
+            raise InvalidModel(f"wasi_nn.app must be one of {WASI_NN_APPS}, got {app!r}")
+        args = doc.get("args", [])
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args) or len(args) > 64:
+            raise InvalidModel("wasi_nn.args must be a list of at most 64 strings")
+        gpu_mb = doc.get("gpu_memory_mb", 0)
+        if not _is_int(gpu_mb) or gpu_mb < 0:
+            raise InvalidModel("wasi_nn.gpu_memory_mb must be a non-negative integer")
+        return cls(
+            encoding=encoding,
+            target=target,
+            name=name,
+            config=dict(config),
+            app=app,
+            args=tuple(args),
+            gpu_memory_mb=gpu_mb,
+        )
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -153,6 +215,8 @@ class ModelSpec:
     files: dict[str, str] = field(default_factory=dict)
     # Optional (absent: no batching); agents that predate it ignore the key.
     dynamic_batching: BatchingSpec | None = None
+    # Optional: a WASI-NN app (agent/wasinn); absent for pure-wasm models.
+    wasi_nn: WasiNnSpec | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -255,6 +319,7 @@ class ModelSpec:
             description=str(doc.get("description", "")),
             files=dict(files),
             dynamic_batching=batching,
+            wasi_nn=WasiNnSpec.from_dict(doc["wasi_nn"]) if doc.get("wasi_nn") is not None else None,
             raw=doc,
         )
 
