@@ -6,7 +6,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # System packages the native build, the tests and the benchmarks need.
 APT_PACKAGES := clang lld wasi-libc libclang-rt-14-dev-wasm32 \
-	mosquitto mosquitto-clients docker-registry skopeo wrk systemd apache2-utils nghttp2-client
+	mosquitto mosquitto-clients docker-registry skopeo wrk systemd apache2-utils nghttp2-client \
+	cmake g++
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 
@@ -23,7 +24,7 @@ system-deps:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,bench,convert]'
+	$(BIN)/pip install -q -e '.[dev,bench,convert,llm]'
 	touch $@
 
 venv: $(VENV)/.installed
