@@ -53,6 +53,10 @@ SIGNATURES: dict[str, int] = {
 }
 
 
+# Backends whose U8 inputs are byte streams, their dimensions not checked against their length.
+BYTE_STREAM_BACKENDS = frozenset({"llama.cpp"})
+
+
 @dataclass(frozen=True)
 class NnLimits:
     max_graph_bytes: int = 1 << 30  # the sum of a ``load`` call's builders (the guest's own memory bounds it too)
@@ -101,6 +105,9 @@ class NnHost:
 
         def call(caller: wasmtime.Caller, *args: int) -> int:
             try:
+                if self.closed:
+                    # The instance is being dropped: nothing may open a context nobody would close.
+                    raise NnError(Errno.BUSY, "the instance's WASI-NN host is closed")
                 memory = caller.get("memory")
                 if not isinstance(memory, wasmtime.Memory):
                     raise NnError(Errno.MISSING_MEMORY, "the module exports no memory named 'memory'")
@@ -219,7 +226,10 @@ class NnHost:
             expected *= d
             if expected > self._limits.max_tensor_bytes:
                 raise NnError(Errno.TOO_LARGE, f"tensor dimensions {dims} exceed {self._limits.max_tensor_bytes} bytes")
-        if expected != data_len:
+        # A ggml graph's inputs are bytes (a prompt, JSON options) whose dimensions WasmEdge ignores;
+        # the published example apps pass [1] for any length.
+        byte_stream = ttype is TensorType.U8 and self._graph_of_context[ctx_handle].backend in BYTE_STREAM_BACKENDS
+        if expected != data_len and not byte_stream:
             raise NnError(
                 Errno.INVALID_ARGUMENT,
                 f"tensor data is {data_len} bytes; dimensions {list(dims)} of {ttype.name.lower()} need {expected}",
