@@ -243,6 +243,37 @@ class BlobStore:
         self._unpublished.clear()
         fsync_dir(self.blob_dir)
 
+    def put_stream(self, fh: BinaryIO, expected: str, durable: bool = True) -> str:
+        """Store what ``fh`` yields, chunk by chunk (a file larger than memory), as :meth:`put_bytes`
+        stores bytes; CorruptBlob, with nothing stored, when it does not hash to ``expected``."""
+        if self.has(expected) or expected in self._unpublished:
+            return expected
+        with self.writer() as writer:
+            while chunk := fh.read(CHUNK):
+                writer.write(chunk)
+            if writer.digest != expected:
+                raise CorruptBlob(f"content hashes to {writer.digest}, expected {expected} (changed while read?)")
+            if durable:
+                return writer.commit()
+            self._unpublished[expected] = writer.stage()
+            return expected
+
+    def verified_path(self, digest: str) -> Path:
+        """Where a blob is, once re-hashed in chunks (never whole in memory): for a file handed on by
+        path (a WASI-NN backend's model file). NotFound / CorruptBlob as :meth:`read_bytes`."""
+        path = self.path(digest)
+        hasher = hashlib.sha256()
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    hasher.update(chunk)
+        except FileNotFoundError as exc:
+            raise NotFound(f"blob {digest} is not in the store") from exc
+        actual = "sha256:" + hasher.hexdigest()
+        if actual != digest:
+            raise CorruptBlob(f"blob {digest} is corrupt: its content hashes to {actual}")
+        return path
+
     def put_file(self, src: Path, expected: str | None = None) -> str:
         with open(src, "rb") as fh, self.writer() as writer:
             while chunk := fh.read(CHUNK):

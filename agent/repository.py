@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agent.artefacts import Artefacts, check_version_free, read_model_spec, validate
 from agent.cas import BlobStore
-from agent.errors import AgentError, InvalidModel, NotFound
+from agent.errors import AgentError, CorruptBlob, InvalidModel, NotFound
 from agent.spec import ModelSpec
 from agent.state import StateDB, VersionRecord
 
@@ -39,8 +39,7 @@ class ModelRepository:
         spec = validate(artefacts)
         digests = artefacts.digests
         check_version_free(spec, digests, self.db.get_version(spec.name, spec.version))
-        for data, digest in zip((artefacts.config, artefacts.module, artefacts.weights), digests, strict=True):
-            self.blobs.put_bytes(data, expected=digest)
+        _put_artefacts(self.blobs, artefacts, digests, durable=True)
         return self.db.add_version(spec.name, spec.version, *digests, source=source, manifest_digest=manifest_digest)
 
     def import_dirs(
@@ -76,10 +75,7 @@ class ModelRepository:
                             f"{spec.name}:{spec.version} is also in another directory of this import, "
                             "with different content"
                         )
-                    for data, digest in zip(
-                        (artefacts.config, artefacts.module, artefacts.weights), digests, strict=True
-                    ):
-                        self.blobs.put_bytes(data, expected=digest, durable=False)
+                    _put_artefacts(self.blobs, artefacts, digests, durable=False)
                 except AgentError as exc:
                     on_each(directory, exc, False)
                     continue
@@ -130,6 +126,22 @@ class ModelRepository:
                 self.db.set_active(spec.name, spec.version)
             added.append(record)
         return added
+
+
+def _put_artefacts(blobs: BlobStore, artefacts: Artefacts, digests: tuple[str, str, str], *, durable: bool) -> None:
+    """The three blobs into the store; a WASI-NN weights file streamed from disk, checked against
+    the digest it was judged by (a file changed since is refused, nothing of it stored)."""
+    config_digest, module_digest, weights_digest = digests
+    blobs.put_bytes(artefacts.config, expected=config_digest, durable=durable)
+    blobs.put_bytes(artefacts.module, expected=module_digest, durable=durable)
+    if artefacts.weights_file is None:
+        blobs.put_bytes(artefacts.weights, expected=weights_digest, durable=durable)
+        return
+    try:
+        with artefacts.weights_file.open() as fh:
+            blobs.put_stream(fh, expected=weights_digest, durable=durable)
+    except CorruptBlob as exc:
+        raise InvalidModel(f"{artefacts.weights_file.path} changed while it was being imported; refused") from exc
 
 
 def model_dirs(path: Path) -> list[Path]:

@@ -133,6 +133,8 @@ class BatchingSpec:
 WASI_NN_ENCODINGS = ("onnx", "ggml", "pytorch")
 WASI_NN_TARGETS = ("cpu", "gpu", "auto")
 WASI_NN_APPS = ("reactor", "command")
+# A WASI-NN model directory's weights file when model.json's files.weights does not name it.
+WASI_NN_DEFAULT_WEIGHTS = {"onnx": "model.onnx", "ggml": "model.gguf", "pytorch": "model.pt"}
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,8 @@ class ModelSpec:
 
     @property
     def weights_file(self) -> str:
+        if self.wasi_nn is not None:
+            return self.files.get("weights", WASI_NN_DEFAULT_WEIGHTS[self.wasi_nn.encoding])
         return self.files.get("weights", "weights.safetensors")
 
     def input(self, name: str) -> TensorSpec | None:

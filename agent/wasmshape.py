@@ -21,6 +21,8 @@ from agent.errors import InvalidModel
 
 # The one module ABI v1 modules may import functions from.
 WASI_MODULE = "wasi_snapshot_preview1"
+# What a WASI-NN model's module may import functions from as well (model.json's wasi_nn section).
+WASI_NN_MODULE = "wasi_ephemeral_nn"
 WASM_MAGIC = b"\0asm"
 WASM_VERSION_1 = b"\x01\0\0\0"
 
@@ -34,11 +36,14 @@ _IMPORT_KINDS = {1: "a table", 2: "a memory", 3: "a global", 4: "a tag"}
 _FUNCREF, _EXTERNREF = 0x70, 0x6F
 
 
-def check_module_shape(source: bytes | bytearray | BinaryIO, where: str) -> None:
+def check_module_shape(
+    source: bytes | bytearray | BinaryIO, where: str, imports: tuple[str, ...] = (WASI_MODULE,)
+) -> None:
     """Refuse a module whose memories, tables or imports exceed ABI v1 (InvalidModel naming what).
 
     ``source`` is the module's bytes or a file positioned at its start; sections other than
-    imports, tables and memories are skipped, never read.
+    imports, tables and memories are skipped, never read. ``imports``: the modules it may import
+    functions from (a WASI-NN model's adds :data:`WASI_NN_MODULE`).
     """
     fh: BinaryIO = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
     reader = _Reader(fh, where)
@@ -61,7 +66,7 @@ def check_module_shape(source: bytes | bytearray | BinaryIO, where: str) -> None
             raise InvalidModel(f"{where}: module is truncated (section {first[0]})")
         section = _Reader(io.BytesIO(body), where)
         if first[0] == _SECTION_IMPORT:
-            _check_imports(section)
+            _check_imports(section, imports)
         elif first[0] == _SECTION_TABLE:
             tables += _check_tables(section)
         else:
@@ -72,14 +77,18 @@ def check_module_shape(source: bytes | bytearray | BinaryIO, where: str) -> None
         raise InvalidModel(f"{where}: module declares {tables} tables; ABI v1 allows {MAX_TABLES}")
 
 
-def _check_imports(section: _Reader) -> None:
+def _check_imports(section: _Reader, allowed: tuple[str, ...]) -> None:
     for _ in range(section.u32()):
         module = section.name()
         name = section.name()
         kind = section.byte()
-        if module != WASI_MODULE:
+        if module not in allowed:
+            hint = ""
+            if module == WASI_NN_MODULE:
+                hint = " (a WASI-NN app needs a wasi_nn section in model.json)"
             raise InvalidModel(
-                f"{section.where}: module imports {module}.{name}; ABI v1 modules may import only {WASI_MODULE}"
+                f"{section.where}: module imports {module}.{name}; ABI v1 modules may import only "
+                f"{' and '.join(allowed)}{hint}"
             )
         if kind != 0:
             what = _IMPORT_KINDS.get(kind, f"kind {kind}")

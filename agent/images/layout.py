@@ -43,7 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, cast
 
-from agent.artefacts import MAX_MODULE_BYTES, MAX_WEIGHTS_BYTES, file_kind, read_model_dir, validate
+from agent.artefacts import (
+    MAX_MODULE_BYTES,
+    MAX_NN_WEIGHTS_BYTES,
+    MAX_WEIGHTS_BYTES,
+    file_kind,
+    read_model_dir,
+    validate,
+)
 from agent.cas import CHUNK, sha256_digest, split_digest
 from agent.images import mediatypes as mt
 from agent.images.errors import LayoutError
@@ -61,9 +68,9 @@ MAX_INDEX_BYTES = 4 * 1024 * 1024
 # What read_blob keeps in memory when its caller names no limit (manifests, configs, payloads).
 MAX_SMALL_BLOB_BYTES = 4 * 1024 * 1024
 
-# A layout tar holds one module and one weights file (each capped where a model directory is read)
-# plus small JSON: anything larger is no honest layout.
-MAX_TAR_BYTES = MAX_MODULE_BYTES + MAX_WEIGHTS_BYTES + 64 * 1024 * 1024
+# A layout tar holds one module and one weights file (each capped where a model directory is read;
+# a WASI-NN model's weights file has the larger cap) plus small JSON: anything larger is no honest layout.
+MAX_TAR_BYTES = MAX_MODULE_BYTES + max(MAX_WEIGHTS_BYTES, MAX_NN_WEIGHTS_BYTES) + 64 * 1024 * 1024
 # Holes a tar file may have (a file system may leave a tail unallocated); beyond that it is sparse.
 TAR_HOLE_SLACK = 64 * 1024
 # The largest single read tarfile may make: its header blocks, a GNU long name or a pax header.
@@ -254,16 +261,30 @@ class OciLayout:
 
     def put_file(self, src: Path, media_type: str, annotations: dict[str, str] | None = None) -> Descriptor:
         """Copy a file in, hashing as it streams (weights can be hundreds of megabytes)."""
+        with open(src, "rb") as fh:
+            return self.put_stream(fh, media_type, annotations)
+
+    def put_stream(
+        self,
+        fh: BinaryIO,
+        media_type: str,
+        annotations: dict[str, str] | None = None,
+        expected: str | None = None,
+    ) -> Descriptor:
+        """Copy a stream in chunk by chunk, hashing as it goes (a GGUF file is gigabytes); with
+        ``expected``, content hashing to anything else is refused (LayoutError) and not kept."""
         tmp_dir = self.root / "blobs" / "sha256"
         fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=".tmp-")
         hasher, size = hashlib.sha256(), 0
         try:
-            with open(src, "rb") as fh, os.fdopen(fd, "wb") as out:
+            with os.fdopen(fd, "wb") as out:
                 while chunk := fh.read(CHUNK):
                     hasher.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
             digest = "sha256:" + hasher.hexdigest()
+            if expected is not None and digest != expected:
+                raise LayoutError(f"content hashes to {digest}, expected {expected} (changed while it was read?)")
             os.replace(tmp_name, self.blob_path(digest))
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
@@ -302,14 +323,24 @@ class BuiltImage:
 def build_from_dir(model_dir: Path, layout_dir: Path, name: str | None = None) -> BuiltImage:
     """Judge a model directory as an import does (``agent.artefacts``), then write it into a layout as one image.
 
-    What is written is the bytes that were judged, not the files read a second time.
+    What is written is the bytes that were judged, not the files read a second time; a WASI-NN
+    model's weights file (the backend's own, GBs for GGUF) streams in from disk and must hash to
+    what was judged. Its layer's media type names its format (``wasi_nn.encoding``), its title
+    annotation is its file name.
     """
     artefacts = read_model_dir(model_dir)
     spec = validate(artefacts)
     layout = OciLayout(layout_dir)
     layout.init()
     module_desc = layout.put_bytes(artefacts.module, mt.WASM_MODULE, {mt.TITLE: MODULE_TITLE})
-    weights_desc = layout.put_bytes(artefacts.weights, mt.WEIGHTS, {mt.TITLE: WEIGHTS_TITLE})
+    if artefacts.weights_file is None:
+        weights_desc = layout.put_bytes(artefacts.weights, mt.WEIGHTS, {mt.TITLE: WEIGHTS_TITLE})
+    else:
+        assert spec.wasi_nn is not None  # validate() allows a weights file for WASI-NN models only
+        media_type = mt.weights_type(spec.wasi_nn.encoding)
+        title = {mt.TITLE: artefacts.weights_file.name}
+        with artefacts.weights_file.open() as fh:
+            weights_desc = layout.put_stream(fh, media_type, title, expected=artefacts.weights_file.digest)
     return _write_image(layout, artefacts.config, module_desc, weights_desc, name or spec.version, spec)
 
 
@@ -320,12 +351,15 @@ def build_image(
     weights_path: Path,
     name: str | None,
     spec: ModelSpec | None = None,
+    weights_type: str = mt.WEIGHTS,
 ) -> BuiltImage:
-    """Write an image from its parts without judging them (tests build bad images with this)."""
+    """Write an image from its parts without judging them (tests build bad images with this);
+    ``weights_type``: the weights layer's media type."""
     layout = OciLayout(layout_dir)
     layout.init()
     module_desc = layout.put_file(module_path, mt.WASM_MODULE, {mt.TITLE: MODULE_TITLE})
-    weights_desc = layout.put_file(weights_path, mt.WEIGHTS, {mt.TITLE: WEIGHTS_TITLE})
+    title = WEIGHTS_TITLE if weights_type == mt.WEIGHTS else weights_path.name
+    weights_desc = layout.put_file(weights_path, weights_type, {mt.TITLE: title})
     return _write_image(layout, config, module_desc, weights_desc, name, spec)
 
 

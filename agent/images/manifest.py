@@ -136,13 +136,21 @@ def parse_model_manifest(raw: bytes, content_type: str | None, image: str) -> Mo
     by_type: dict[str, list[Descriptor]] = {}
     for layer in layers:
         by_type.setdefault(layer.media_type, []).append(layer)
-    unknown = sorted(set(by_type) - {mt.WASM_MODULE, mt.WEIGHTS})
+    unknown = sorted(set(by_type) - {mt.WASM_MODULE, *mt.WEIGHTS_TYPES})
     if unknown:
-        raise refuse(f"layer media type(s) {unknown} are unknown; expected {mt.WASM_MODULE!r} and {mt.WEIGHTS!r}")
-    for media_type in (mt.WASM_MODULE, mt.WEIGHTS):
-        count = len(by_type.get(media_type, []))
-        if count != 1:
-            raise refuse(f"it has {count} layer(s) of type {media_type!r}, expected exactly one")
+        raise refuse(
+            f"layer media type(s) {unknown} are unknown; "
+            f"expected {mt.WASM_MODULE!r} and one of {list(mt.WEIGHTS_TYPES)}"
+        )
+    count = len(by_type.get(mt.WASM_MODULE, []))
+    if count != 1:
+        raise refuse(f"it has {count} layer(s) of type {mt.WASM_MODULE!r}, expected exactly one")
+    weights = [layer for layer in layers if layer.media_type in mt.WEIGHTS_TYPES]
+    if len(weights) != 1:
+        if not weights or len({w.media_type for w in weights}) == 1:
+            kind = repr(weights[0].media_type) if weights else f"weights ({', '.join(mt.WEIGHTS_TYPES)})"
+            raise refuse(f"it has {len(weights)} layer(s) of type {kind}, expected exactly one")
+        raise refuse(f"it has {len(weights)} weights layers {[w.media_type for w in weights]}, expected exactly one")
     annotations = doc.get("annotations") or {}
     if not isinstance(annotations, dict):
         raise refuse("annotations must be an object")
@@ -151,7 +159,7 @@ def parse_model_manifest(raw: bytes, content_type: str | None, image: str) -> Mo
         digest=digest,
         config=config,
         module=by_type[mt.WASM_MODULE][0],
-        weights=by_type[mt.WEIGHTS][0],
+        weights=weights[0],
         annotations={str(k): str(v) for k, v in annotations.items()},
     )
 

@@ -28,7 +28,7 @@ import structlog
 from agent.cas import BlobStore
 from agent.errors import AgentError, InvalidModel
 from agent.events import EventBus
-from agent.images.admit import admit, check_conflict
+from agent.images.admit import admit, check_conflict, layers_mismatch
 from agent.images.cache import ImageCache
 from agent.images.errors import ImageError, ImageRefused, LayoutError, NotInRegistry, RegistryUnreachable
 from agent.images.layout import OciLayout, open_layout
@@ -326,6 +326,11 @@ class Puller:
             raise ImageRefused(f"refused {image}: {exc}", image, digest) from exc
 
     def _check_conflict(self, spec: ModelSpec, manifest: ModelManifest, image: str) -> None:
+        """Before any layer is fetched: the weights layer is the kind model.json says, and the
+        name:version is free."""
+        mismatch = layers_mismatch(spec, manifest)
+        if mismatch:
+            raise ImageRefused(f"refused {image}: {mismatch}", image, manifest.digest)
         conflict = check_conflict(self.db, spec, manifest)
         if conflict:
             raise ImageRefused(f"refused {image}: {conflict}", image, manifest.digest)
