@@ -296,3 +296,107 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
+
+
+# -- [wasi_nn] ---------------------------------------------------------------------------------------
+# Backend names as config and the environment may spell them (a dot cannot be in an env name).
+_NN_BACKEND_ALIASES = {"llama_cpp": "llama.cpp", "llamacpp": "llama.cpp", "onnx": "onnxruntime"}
+
+
+@dataclasses.dataclass(frozen=True)
+class WasiNnSettings:
+    """``[wasi_nn]``: which WASI-NN backends this node offers, and each one's options.
+
+    ``backends``: names among the known ones (``onnxruntime``, ``llama.cpp``, ``torchscript``);
+    None (the default) is every one whose package is installed. A known backend that is not
+    installed is left out (the node cannot offer it), an unknown name is refused. Options are the
+    ``[wasi_nn.<backend>]`` tables, handed to the backend as they are (it coerces and checks them).
+    Environment: ``EDGE_AGENT_WASI_NN__BACKENDS=onnxruntime,llama.cpp`` and
+    ``EDGE_AGENT_WASI_NN__<BACKEND>__<KEY>`` (``llama.cpp`` as ``LLAMA_CPP``).
+    """
+
+    backends: tuple[str, ...] | None = None
+    options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Config, known: tuple[str, ...]) -> WasiNnSettings:
+        table = config.section("wasi_nn")
+        backends: tuple[str, ...] | None = None
+        options: dict[str, dict[str, Any]] = {}
+        for key, value in table.items():
+            if key == "backends":
+                backends = cls._backends(value, known)
+                continue
+            name, sep, sub = key.partition("__")
+            backend = _NN_BACKEND_ALIASES.get(name, name)
+            if backend not in known:
+                raise ConfigError(
+                    f"unknown wasi_nn setting {key!r} (known: backends, and a table per backend: {', '.join(known)})"
+                )
+            if sep:  # EDGE_AGENT_WASI_NN__ONNXRUNTIME__INTRA_OP_THREADS: one key of the backend's table
+                options.setdefault(backend, {})[sub] = value
+            elif isinstance(value, dict):
+                options.setdefault(backend, {}).update(value)
+            else:
+                raise ConfigError(f"wasi_nn.{key} must be a table of that backend's options")
+        return cls(backends=backends, options=options)
+
+    @staticmethod
+    def _backends(value: Any, known: tuple[str, ...]) -> tuple[str, ...]:
+        if isinstance(value, str):  # from the environment: comma-separated
+            items: list[Any] = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, list):
+            items = value
+        else:
+            raise ConfigError(f"wasi_nn.backends must be a list of backend names, got {value!r}")
+        names = []
+        for item in items:
+            if not isinstance(item, str):
+                raise ConfigError(f"wasi_nn.backends must be a list of backend names, got {value!r}")
+            name = _NN_BACKEND_ALIASES.get(item.strip().lower(), item.strip().lower())
+            if name not in known:
+                raise ConfigError(f"wasi_nn.backends: unknown backend {item!r} (known: {', '.join(known)})")
+            names.append(name)
+        return tuple(dict.fromkeys(names))
+
+
+# -- [gpu]: the GPU scheduler's settings (agent/wasinn/gpu.py) ----------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GpuSettings:
+    """``[gpu]``: the node's GPUs as a shared resource (admission by memory, a concurrency bound)."""
+
+    # Look for GPUs through NVML; false: none is used (target gpu refused, auto on the CPU), none probed.
+    enabled: bool = True
+    # MiB admitted per device: one number for every device, or a list by device index; 0 (or absent
+    # from the list): 90% of the device's memory.
+    memory_budget_mb: tuple[int, ...] = ()
+    # Calls running at once on one device, across every model.
+    max_concurrency: int = 1
+    # How long a call waits for a slot before it fails with gpu_busy.
+    wait_s: float = 30.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> GpuSettings:
+        return cls.from_mapping(config.section("gpu"))
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> GpuSettings:
+        values = section_values("gpu", raw, cls, special={"memory_budget_mb": _gpu_budgets})
+        settings = cls(**values)
+        if settings.max_concurrency < 1:
+            raise ConfigError(f"gpu.max_concurrency must be at least 1, got {settings.max_concurrency}")
+        if settings.wait_s <= 0:
+            raise ConfigError(f"gpu.wait_s must be greater than 0, got {settings.wait_s}")
+        return settings
+
+
+def _gpu_budgets(name: str, value: Any) -> tuple[int, ...]:
+    """``20000``, ``[20000, 8000]`` (TOML) or ``"20000,8000"`` (the environment)."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    try:
+        out = tuple(int(str(item).strip()) for item in items if str(item).strip())
+    except ValueError:
+        raise ConfigError(f"{name}: cannot use {value!r}: MiB as a number or a list of numbers") from None
+    if any(v < 0 for v in out) or any(isinstance(v, bool) for v in items):
+        raise ConfigError(f"{name}: cannot use {value!r}: MiB must be 0 (the default share) or more")
+    return out

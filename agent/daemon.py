@@ -22,7 +22,7 @@ import structlog
 
 from agent import exitcodes
 from agent.cas import BlobStore
-from agent.config import Config
+from agent.config import Config, WasiNnSettings
 from agent.errors import AgentError, CorruptBlob, ListenError, StateDirError
 from agent.events import EventBus
 from agent.fsmodes import private_dirs, tighten_tree
@@ -35,6 +35,7 @@ from agent.server.http import HttpServer
 from agent.server.inference import InferenceCore
 from agent.server.oip import InferenceAPI
 from agent.state import StateDB, VersionRecord
+from agent.wasinn.backend import KNOWN_BACKENDS, BackendRegistry, discover
 
 if TYPE_CHECKING:
     # The optional parts' types only: agent/wiring.py builds them, and importing them
@@ -85,12 +86,16 @@ class Agent:
         self.events = EventBus()
         self.metrics = Metrics()
         self.events.listen(self.metrics.observe_event)  # image pulls, drop-in entries
+        # The WASI-NN backends this node offers ([wasi_nn]): found by package, imported on first use.
+        nn = WasiNnSettings.from_config(config, known=tuple(info.name for info in KNOWN_BACKENDS))
+        self.nn_backends = BackendRegistry(available=discover(nn.backends), options=nn.options)
         self.models = ModelManager(
             self.runtime,
             self.blobs,
             LoadSettings(config.pool_size, config.memory_limit_mb, config.request_timeout_ms, config.eager_instances),
             on_replace=self._instance_replaced,
             budget=InstanceBudget(limit=config.max_instances),
+            nn_registry=self.nn_backends,
         )
         self.metrics.track_instances(self.models.budget)
         self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="infer")
@@ -107,6 +112,7 @@ class Agent:
             models=self.models,
             metrics=self.metrics,
             core=self.inference,
+            nn_backends=self.nn_backends,
             is_ready=lambda: self.started and not self.stopping,
             extra_routes=self._extra_routes,
         )
@@ -142,6 +148,7 @@ class Agent:
     # -- start-up ------------------------------------------------------------------------
     async def start(self) -> None:
         t0 = time.perf_counter()
+        self.log.info("wasi-nn backends", backends=self.nn_backends.describe())
         self.runtime.start()
         self.blobs.clean_tmp()
         if self.config.seed_bundled:

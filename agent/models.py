@@ -29,6 +29,7 @@ from agent.cas import BlobStore
 from agent.errors import NotFound, Unavailable
 from agent.runtime import InstanceBudget, LoadedModel, LoadSettings, WasmRuntime, load_version
 from agent.state import VersionRecord
+from agent.wasinn.backend import BackendRegistry
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,12 @@ class ModelManager:
         settings: LoadSettings,
         on_replace: Callable[[str, str, str], None] | None = None,
         budget: InstanceBudget | None = None,
+        *,
+        nn_registry: BackendRegistry | None = None,
     ):
         self.runtime = runtime
+        # The node's WASI-NN backends (agent/wasinn): None serves no WASI-NN version.
+        self.nn_registry = nn_registry
         self.blobs = blobs
         self.settings = settings
         # The node's bound on live instances, shared by every version's pool (unbounded when None).
@@ -133,6 +138,7 @@ class ModelManager:
             self.settings,
             on_replace=(lambda why: hook(record.model, record.version, why)) if hook else None,
             budget=self.budget,
+            nn_registry=self.nn_registry,
         )
         with self._lock:
             # A version replaced here (same name, other content) stays open for its

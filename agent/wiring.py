@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from agent.images.cache import VersionKey
     from agent.mqtt.channel import MqttChannel
     from agent.server.grpc_api import GrpcServer
+    from agent.server.openai_api import OpenAIAPI
 
 
 def attach_services(agent: Agent, *, env: Mapping[str, str] | None = None) -> None:
@@ -74,6 +75,7 @@ def attach_services(agent: Agent, *, env: Mapping[str, str] | None = None) -> No
             events=agent.events,
         )
         agent.services.append(agent.inbox)
+    attach_llm(agent)
     attach_grpc(agent)
     attach_k8s(agent, env=env)
     attach_mqtt(agent)
@@ -140,6 +142,35 @@ def attach_lifecycle(
     # First to start, whenever attached: recovery and the first reconcile precede the services that feed it.
     agent.services.insert(0, LifecycleService(lifecycle=lifecycle))
     return lifecycle
+
+
+# -- agent/llm ---------------------------------------------------------------------------------------
+def attach_llm(agent: Agent) -> OpenAIAPI:
+    """Language models on the OpenAI-compatible API (``/v1``) and WASI-NN command apps per v2 request.
+
+    ``[llm]`` is parsed here; nothing imports llama.cpp until a language model is first used. The
+    versions' engines close with the versions (``LoadedModel.closers``), after the HTTP drain.
+    """
+    if agent.api.v1_routes is not None:
+        raise RuntimeError("the language model API is attached already")
+    from agent.llm.command_apps import CommandApps
+    from agent.llm.metrics import LlmMetrics
+    from agent.llm.service import LlmService
+    from agent.llm.settings import LlmSettings
+    from agent.server.openai_api import OpenAIAPI
+
+    config = agent.config
+    settings = LlmSettings.from_config(config)
+    service = LlmService(models=agent.models, settings=settings, metrics=LlmMetrics(registry=agent.metrics.registry))
+    api = OpenAIAPI(llm=service)
+    agent.api.v1_routes = api.route
+    agent.api.command_apps = CommandApps(
+        runtime=agent.runtime, core=agent.inference, settings=settings, memory_limit_mb=config.memory_limit_mb
+    )
+    return api
+
+
+# -- end agent/llm -----------------------------------------------------------------------------------
 
 
 def attach_grpc(agent: Agent) -> GrpcServer | None:
@@ -214,6 +245,7 @@ def attach_mqtt(agent: Agent) -> MqttChannel | None:
         blobs=agent.blobs,
         cache=agent.cache,
         log=agent.log,
+        nn_backends=agent.nn_backends,
     )
     agent.mqtt = channel
     agent.services.append(channel)

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from agent.cas import BlobStore
     from agent.metrics import Metrics
     from agent.models import ModelManager
+    from agent.wasinn.backend import BackendRegistry
 
 OUTBOX_FILE = "mqtt-outbox.db"
 COMMANDS_FILE = "mqtt-commands.db"
@@ -79,8 +80,10 @@ class MqttChannel:
         cache: CacheSize | None,
         gpu: GpuProbe | None = None,
         log: FilteringBoundLogger | None = None,
+        nn_backends: BackendRegistry | None = None,
     ):
         self.settings = settings
+        self.nn_backends = nn_backends  # the node's WASI-NN backends, listed in telemetry
         self.node = node_id
         self.topics = Topics(self.settings.topic_prefix, self.node, self.settings.groups)
         self.log = (log or structlog.get_logger("edge_agent")).bind(subsystem="mqtt")
@@ -335,7 +338,12 @@ class MqttChannel:
         metrics = self.metrics
         serving = node_gauges(self.models, metrics, cache=self.cache, blobs=self.blobs)
         snap = build_snapshot(
-            metrics.snapshot(), started=metrics.started, gpu=self.gpu.read(), cpu=self.cpu, serving=serving
+            metrics.snapshot(),
+            started=metrics.started,
+            gpu=self.gpu.read(),
+            cpu=self.cpu,
+            serving=serving,
+            wasi_nn=self.nn_backends.describe() if self.nn_backends is not None else None,
         )
         snap["mqtt"] = self.describe()
         return snap

@@ -28,6 +28,7 @@ from wasmtime import _ffi as ffi
 from agent.cas import fsync_dir
 from agent.errors import InvalidModel
 from agent.fsmodes import private_dirs
+from agent.wasinn.abi import MODULE as NN_MODULE
 from agent.wasmshape import WASI_MODULE
 
 # The ticker calls the C function directly (Engine.increment_epoch re-checks its pointer per
@@ -210,8 +211,13 @@ class WasmRuntime:
         wasm: bytes,
         module_digest: str,
         validate: Callable[[wasmtime.Module], None] | None = None,
+        *,
+        allow_nn: bool = False,
     ) -> wasmtime.Module:
         """The compiled module, from the disk cache when it holds a valid entry.
+
+        ``allow_nn``: the version is a WASI-NN app (model.json's ``wasi_nn``), which may import
+        ``wasi_ephemeral_nn`` too (:func:`check_imports`).
 
         ``validate`` runs on a freshly compiled module before it is cached; a cache
         entry therefore stands for a module that passed it, and a hit skips it
@@ -228,7 +234,7 @@ class WasmRuntime:
             if shared is not None:
                 return shared
             try:
-                module = self._load_module(wasm, module_digest, validate)
+                module = self._load_module(wasm, module_digest, validate, allow_nn)
                 with self._lock:
                     self._modules[module_digest] = module
                     self._in_use[module_digest] = module
@@ -260,6 +266,7 @@ class WasmRuntime:
         wasm: bytes,
         module_digest: str,
         validate: Callable[[wasmtime.Module], None] | None,
+        allow_nn: bool,
     ) -> wasmtime.Module:
         path = self.cache_path(module_digest)
         if path is not None and path.exists():
@@ -270,19 +277,19 @@ class WasmRuntime:
             except wasmtime.WasmtimeError:
                 # Truncated or from an incompatible build: recompile below.
                 path.unlink(missing_ok=True)
-        module = self.compile(wasm)
+        module = self.compile(wasm, allow_nn=allow_nn)
         if validate is not None:
             validate(module)
         if path is not None:
             self._write_cache(path, module.serialize())
         return module
 
-    def compile(self, wasm: bytes) -> wasmtime.Module:
+    def compile(self, wasm: bytes, *, allow_nn: bool = False) -> wasmtime.Module:
         try:
             module = wasmtime.Module(self.engine, wasm)
         except wasmtime.WasmtimeError as exc:
             raise InvalidModel(f"module is not valid WebAssembly: {error_cause(exc)}") from exc
-        check_imports(module)
+        check_imports(module, allow_nn=allow_nn)
         self.compiled_fresh += 1
         return module
 
@@ -300,21 +307,33 @@ class WasmRuntime:
             # A full disk must not stop serving: the module is compiled in memory.
             Path(tmp).unlink(missing_ok=True)
 
-    def instantiate(self, store: wasmtime.Store, module: wasmtime.Module) -> wasmtime.Instance:
+    def instantiate(
+        self, store: wasmtime.Store, module: wasmtime.Module, linker: wasmtime.Linker | None = None
+    ) -> wasmtime.Instance:
+        """``linker``: one made for this instance (a WASI-NN app's, with its own host); else the shared one."""
         if any(imp.module == WASI_MODULE for imp in module.imports):
             # No preopens, no env, no args: WASI only for clocks/random/proc_exit.
             store.set_wasi(wasmtime.WasiConfig())
         self.begin_call()  # a start function is wasm too, under the store's deadline
         try:
-            return self.linker.instantiate(store, module)
+            return (linker or self.linker).instantiate(store, module)
         finally:
             self.end_call()
 
 
-def check_imports(module: wasmtime.Module) -> None:
+def check_imports(module: wasmtime.Module, *, allow_nn: bool = False) -> None:
+    """Only WASI, and ``wasi_ephemeral_nn`` for a WASI-NN app (``allow_nn``); a pure-wasm model importing
+    it is refused: its instances get no WASI-NN host."""
+    allowed = (WASI_MODULE, NN_MODULE) if allow_nn else (WASI_MODULE,)
     for imp in module.imports:
-        if imp.module != WASI_MODULE:
-            raise InvalidModel(f"module imports {imp.module}.{imp.name}; ABI v1 modules may import only {WASI_MODULE}")
+        if imp.module not in allowed:
+            if imp.module == NN_MODULE:
+                raise InvalidModel(
+                    f"module imports {imp.module}.{imp.name}; only a WASI-NN model (model.json's wasi_nn) may"
+                )
+            raise InvalidModel(
+                f"module imports {imp.module}.{imp.name}; ABI v1 modules may import only {' and '.join(allowed)}"
+            )
 
 
 def error_cause(exc: BaseException) -> str:

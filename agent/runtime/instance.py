@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import wasmtime
@@ -23,6 +24,10 @@ from agent.errors import DeadlineOverrun, InferenceTimeout, InvalidModel, ModelE
 from agent.runtime.engine import WasmRuntime, error_cause
 from agent.runtime.footprint import StoreLimits
 from agent.spec import ModelSpec, TensorSpec
+
+if TYPE_CHECKING:
+    from agent.runtime.nn import NnVersion
+    from agent.wasinn.host import NnHost
 
 ABI_FUNCS: dict[str, tuple[int, int]] = {  # name -> (params, results), all i32
     "ea_abi_version": (0, 1),
@@ -83,11 +88,45 @@ class ModelInstance:
         timeout_ms: float,
         *,
         exports_checked: bool = False,
+        nn: NnVersion | None = None,
     ):
-        """``exports_checked``: the caller ran :func:`check_exports` on ``module`` (a pool does, once)."""
+        """``exports_checked``: the caller ran :func:`check_exports` on ``module`` (a pool does, once).
+        ``nn``: the version is a WASI-NN app; this instance gets its own host, closed with it."""
         if not exports_checked:
             check_exports(module, spec)
         self.spec = spec
+        self._close_nn: weakref.finalize | None = None
+        if nn is None:
+            self._setup(runtime, module, spec, params, memory_limit_bytes, timeout_ms, None, None)
+            return
+        linker, host = nn.linker(runtime.engine)
+        # The host goes when the instance does: closed by close() (eviction, the reaper, an unload),
+        # else when the instance is collected (a failed one a caller dropped).
+        self._close_nn = weakref.finalize(self, nn.close_host, host)
+        self._close_nn.atexit = False  # at interpreter exit the backends may be half torn down
+        try:
+            self._setup(runtime, module, spec, params, memory_limit_bytes, timeout_ms, linker, host)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release what lives outside the Store (a WASI-NN host's contexts); the Store goes with the object."""
+        if self._close_nn is not None:
+            self._close_nn()
+
+    def _setup(
+        self,
+        runtime: WasmRuntime,
+        module: wasmtime.Module,
+        spec: ModelSpec,
+        params: Mapping[str, np.ndarray],
+        memory_limit_bytes: int,
+        timeout_ms: float,
+        linker: wasmtime.Linker | None,
+        host: NnHost | None,
+    ) -> None:
+        self._host = host
         self.runtime = runtime
         self.timeout_ms = timeout_ms
         # time.monotonic() when its pool last got it back: the budget evicts, the reaper drops, the oldest.
@@ -98,7 +137,7 @@ class ModelInstance:
         self._ticks = runtime.deadline_ticks(timeout_ms)
         self.store.set_epoch_deadline(self._ticks)
         try:
-            instance = runtime.instantiate(self.store, module)
+            instance = runtime.instantiate(self.store, module, linker)
         except wasmtime.Trap as exc:
             raise ModelError(f"{spec.name}:{spec.version}: trap while instantiating: {trap_reason(exc)}") from exc
         except wasmtime.ExitTrap as exc:
@@ -203,7 +242,7 @@ class ModelInstance:
         if status != 0:
             raise InvalidModel(
                 f"{self.spec.name}:{self.spec.version}: ea_init failed with {status} "
-                f"({STATUS_TEXT.get(status, 'unknown status')})"
+                f"({STATUS_TEXT.get(status, 'unknown status')}){self._nn_reason()}"
             )
 
     def _view(self, base: int, func: str, index: int, tspec: TensorSpec) -> np.ndarray:
@@ -268,9 +307,17 @@ class ModelInstance:
             status -= 1 << 32
             raise ModelError(
                 f"{self.spec.name}:{self.spec.version}: ea_run returned {status} "
-                f"({STATUS_TEXT.get(status, 'unknown status')})"
+                f"({STATUS_TEXT.get(status, 'unknown status')}){self._nn_reason()}"
             )
         return [view[:batch].copy() for view in self._outputs]
+
+    def _nn_reason(self) -> str:
+        """A WASI-NN app's failed status: the host's reason for the call that failed, if any."""
+        host = self._host
+        if host is None or host.last_error is None:
+            return ""
+        reason, host.last_error = host.last_error, None
+        return f"; wasi-nn {reason}"
 
     def _raise_failure(self, error: int | None) -> None:
         name = f"{self.spec.name}:{self.spec.version}"

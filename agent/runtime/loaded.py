@@ -16,19 +16,22 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import wasmtime
 
-from agent.artefacts import check_module, read_stored
+from agent.artefacts import check_module, read_stored, read_stored_nn, read_stored_spec
 from agent.cas import BlobStore
-from agent.errors import BadRequest, ModelError
+from agent.errors import BadRequest, InvalidModel, ModelError
 from agent.runtime.engine import WasmRuntime
 from agent.runtime.instance import check_exports
+from agent.runtime.nn import NnVersion
 from agent.runtime.pool import InstanceBudget, InstancePool
 from agent.spec import ModelSpec
 from agent.state import VersionRecord
+from agent.wasinn.backend import BackendRegistry, NamedModels
 
 if TYPE_CHECKING:
     from agent.server.batching import Batcher
@@ -47,6 +50,9 @@ class LoadSettings:
 class LoadedModel:
     spec: ModelSpec
     record: VersionRecord
+    # A WASI-NN command app's (``wasi_nn.app == "command"``) holds no instance and refuses calls
+    # (``pool.abi`` is False): such an app is run per request by its own path, from ``module``,
+    # ``nn`` and ``weights_path``, not through the Model ABI.
     pool: InstancePool
     load_ms: float
     loaded_at: float = field(default_factory=time.time)
@@ -60,7 +66,24 @@ class LoadedModel:
     # (batching_resolved), the batcher lives and closes with this version.
     batcher: Batcher | None = field(default=None, repr=False)
     batching_resolved: bool = False
+    # A WASI-NN version (model.json's ``wasi_nn``): its named model, shared by its instances and
+    # closed with the version; the path of its weights blob (the backend's own model file); its
+    # compiled module (what a command app instantiates per request).
+    nn_version: NnVersion | None = field(default=None, repr=False)
+    module: wasmtime.Module | None = field(default=None, repr=False)
+    # What a front end attached to this version and closes with it (agent/llm: a language model's
+    # llama.cpp contexts), called after the pool and the named models; each must be idempotent.
+    closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def nn(self) -> NamedModels | None:
+        """The WASI-NN named models (``wasi_nn.name`` -> the weights file), for a host made per call."""
+        return self.nn_version.named if self.nn_version is not None else None
+
+    @property
+    def weights_path(self) -> Path | None:
+        return self.nn_version.weights_path if self.nn_version is not None else None
 
     @property
     def name(self) -> str:
@@ -108,6 +131,10 @@ class LoadedModel:
         if self.batcher is not None:
             self.batcher.close()
         self.pool.close()
+        if self.nn_version is not None:
+            self.nn_version.close()  # after the pool: its instances' hosts are closed by then
+        for close in self.closers:
+            close()
 
 
 def load_version(
@@ -117,11 +144,16 @@ def load_version(
     settings: LoadSettings,
     on_replace: Callable[[str], None] | None = None,
     budget: InstanceBudget | None = None,
+    *,
+    nn_registry: BackendRegistry | None = None,
 ) -> LoadedModel:
-    """``budget``: the node's bound on live instances (a private, unbounded one when None)."""
+    """``budget``: the node's bound on live instances (a private, unbounded one when None).
+    ``nn_registry``: the node's WASI-NN backends; without it a WASI-NN version is refused."""
     start = time.perf_counter()
     # A module another version already compiled is shared: its blob is neither read nor hashed again.
     module = runtime.shared_module(record.module_digest)
+    if read_stored_spec(blobs, record).wasi_nn is not None:
+        return _load_nn_version(runtime, blobs, record, settings, module, on_replace, budget, nn_registry, start)
     spec, wasm, params = read_stored(blobs, record, module=module is None)
     if module is None:
         module = runtime.load_module(wasm, record.module_digest, validate=lambda m: _validate(spec, wasm, m))
@@ -148,10 +180,89 @@ def load_version(
     return LoadedModel(spec=spec, record=record, pool=pool, load_ms=(time.perf_counter() - start) * 1000)
 
 
-def _validate(spec: ModelSpec, wasm: bytes, module: wasmtime.Module) -> None:
+def _load_nn_version(
+    runtime: WasmRuntime,
+    blobs: BlobStore,
+    record: VersionRecord,
+    settings: LoadSettings,
+    module: wasmtime.Module | None,
+    on_replace: Callable[[str], None] | None,
+    budget: InstanceBudget | None,
+    registry: BackendRegistry | None,
+    start: float,
+) -> LoadedModel:
+    """A WASI-NN version: the backend checked, the pool made with a host per instance. The named graph
+    is loaded by the first instance's ``ea_init`` (``load_by_name``, with the app's own config: a
+    preload with another config would load a second copy); a file the backend refuses fails the
+    load with the backend's reason. A command app is compiled and validated only: no instance."""
+    spec, wasm, weights_path = read_stored_nn(blobs, record, module=module is None)
+    assert spec.wasi_nn is not None
+    if registry is None:
+        raise InvalidModel(f"{spec.name}:{spec.version} is a WASI-NN model, and this agent serves none")
+    nn = NnVersion(registry=registry, spec=spec, weights_path=weights_path)
+    reactor = spec.wasi_nn.app == "reactor"
+    try:
+        nn.check_backend()
+        if module is None:
+            module = runtime.load_module(
+                wasm,
+                record.module_digest,
+                validate=lambda m: _validate(spec, wasm, m, reactor=reactor),
+                allow_nn=True,
+            )
+        memory_mb = min(settings.memory_limit_mb, spec.memory_limit_mb or settings.memory_limit_mb)
+        timeout_ms = min(settings.request_timeout_ms, spec.timeout_ms or settings.request_timeout_ms)
+        pool = InstancePool(
+            runtime,
+            module,
+            spec,
+            {},
+            size=settings.pool_size,
+            memory_limit_bytes=memory_mb * 1024 * 1024,
+            timeout_ms=timeout_ms,
+            on_replace=on_replace,
+            exports_checked=True,
+            budget=budget,
+            eager=settings.eager_instances,
+            nn=nn,
+            abi=reactor,
+        )
+        try:
+            if reactor:
+                warm_up(spec, pool)
+        except BaseException:
+            pool.close()
+            raise
+    except BaseException:
+        nn.close()
+        raise
+    return LoadedModel(
+        spec=spec,
+        record=record,
+        pool=pool,
+        load_ms=(time.perf_counter() - start) * 1000,
+        nn_version=nn,
+        module=module,
+    )
+
+
+def _validate(spec: ModelSpec, wasm: bytes, module: wasmtime.Module, *, reactor: bool = True) -> None:
     # The module rule also runs at import and admission; here it covers versions stored before it existed.
     check_module(spec, wasm)
-    check_exports(module, spec)
+    if reactor:
+        check_exports(module, spec)
+    else:  # a WASI-NN command app: a WASI command, run per request, not the Model ABI
+        check_command_exports(module, spec)
+
+
+def check_command_exports(module: wasmtime.Module, spec: ModelSpec) -> None:
+    """A WASI command: ``_start`` taking and returning nothing, and its memory as ``memory``."""
+    types = {export.name: export.type for export in module.exports}
+    start = types.get("_start")
+    if not isinstance(start, wasmtime.FuncType) or list(start.params) or list(start.results):
+        raise InvalidModel(f"{spec.name}:{spec.version}: a WASI-NN command app must export _start: () -> ()")
+    if not isinstance(types.get("memory"), wasmtime.MemoryType):
+        raise InvalidModel(f"{spec.name}:{spec.version}: module does not export its memory as 'memory'")
 
 
 def warm_up(spec: ModelSpec, pool: InstancePool) -> None:

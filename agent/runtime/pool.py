@@ -28,10 +28,10 @@ descheduled on a busy machine, and the version may run inline again.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import wasmtime
@@ -40,6 +40,9 @@ from agent.errors import DeadlineOverrun, ModelError, Unavailable
 from agent.runtime.engine import WasmRuntime
 from agent.runtime.instance import KEEP_DEADLINE, ModelInstance, check_exports
 from agent.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from agent.runtime.nn import NnVersion
 
 # A wait held back by the budget (no slot, nothing idle to evict) looks again this often: a slot
 # frees up in another pool, whose release does not wake this one.
@@ -140,8 +143,15 @@ class InstancePool:
         *,
         budget: InstanceBudget | None = None,
         eager: bool = True,
+        nn: NnVersion | None = None,
+        abi: bool = True,
     ):
-        """``eager``: build all ``size`` instances now; else one, and the others on demand."""
+        """``eager``: build all ``size`` instances now; else one, and the others on demand.
+        ``nn``: a WASI-NN version's named model; each instance gets its own host, and the pool
+        never runs on the event loop (a backend's compute is a host call, which the loop's epoch
+        budget cannot cut short).
+        ``abi=False``: the module is not driven through the Model ABI (a WASI-NN command app, run per
+        request by its own path): the pool makes no instance and refuses calls."""
         self.spec = spec
         self.size = size
         self.timeout_ms = timeout_ms
@@ -152,8 +162,10 @@ class InstancePool:
             check_exports(module, spec)
         self.params = params  # kept for the instances made later (mapped from the weights blob by load_version)
         self._factory = lambda: ModelInstance(
-            runtime, module, spec, params, memory_limit_bytes, timeout_ms, exports_checked=True
+            runtime, module, spec, params, memory_limit_bytes, timeout_ms, exports_checked=True, nn=nn
         )
+        self._worker_only = nn is not None
+        self.abi = abi
         self._on_replace = on_replace
         self._cond = threading.Condition()
         self._budget = budget if budget is not None else InstanceBudget(limit=0)
@@ -167,9 +179,10 @@ class InstancePool:
         try:
             # The first instance (the warm-up runs on it) may wait for a slot, as a request would:
             # versions loading in parallel hold theirs only while they warm up.
-            self._idle.append(self._first_instance(wait_s=max(1.0, timeout_ms / 1000.0 * 4)))
+            if abi:
+                self._idle.append(self._first_instance(wait_s=max(1.0, timeout_ms / 1000.0 * 4)))
             # Eager: the others too, as far as the budget allows (past it, on demand).
-            for _ in range(size - 1 if eager else 0):
+            for _ in range(size - 1 if eager and abi else 0):
                 instance = self._build()
                 if instance is None:
                     break
@@ -181,7 +194,7 @@ class InstancePool:
         # Smoothed compute time of one call, used to decide inline vs worker.
         self.ewma_us = 0.0
         # False once a call overran the inline budget: from then on, workers only.
-        self.inline_allowed = True
+        self.inline_allowed = not self._worker_only
 
     @property
     def idle(self) -> int:
@@ -218,6 +231,7 @@ class InstancePool:
             raise
         instance.last_used = time.monotonic()
         if self._closed:
+            instance.close()
             self._forget(1)
             raise Unavailable(f"{self.spec.name}:{self.spec.version} is unloaded")
         return instance
@@ -247,6 +261,7 @@ class InstancePool:
             except ValueError:  # taken by the serving path meanwhile
                 return False
             self.live -= 1
+        instance.close()
         return True
 
     # The fast paths take and return instances without the condition's lock:
@@ -269,6 +284,8 @@ class InstancePool:
                 return self._idle.pop()
             except IndexError:
                 pass
+        if not self.abi:
+            raise ModelError(f"{self.spec.name}:{self.spec.version} is a WASI-NN command app: no Model ABI instance")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._closed:
@@ -303,19 +320,28 @@ class InstancePool:
 
     def release(self, instance: ModelInstance) -> None:
         if self._closed:
+            instance.close()
             return
         instance.last_used = time.monotonic()
         self._idle.append(instance)
         if self._closed:  # close() ran since the check above: the instance is not kept
-            with self._cond, contextlib.suppress(ValueError):
-                self._idle.remove(instance)
+            with self._cond:
+                try:
+                    self._idle.remove(instance)
+                except ValueError:
+                    return  # taken meanwhile: by close(), which closes it, or by a caller
+            instance.close()
             return
         if self._waiters:
             with self._cond:
                 self._cond.notify()
 
-    def discard(self, reason: str) -> None:
-        """An instance failed and was dropped: build its replacement so the pool keeps its instances."""
+    def discard(self, reason: str, instance: ModelInstance | None = None) -> None:
+        """An instance failed and was dropped: build its replacement so the pool keeps its instances.
+
+        ``instance``: the failed one, closed here (else when it is collected)."""
+        if instance is not None:
+            instance.close()
         self.replaced += 1
         if self._on_replace is not None:
             self._on_replace(reason)
@@ -339,7 +365,7 @@ class InstancePool:
             else:
                 outputs = self._run_chunked(instance, inputs, batch)
         except ModelError as exc:
-            self.discard(str(exc))
+            self.discard(str(exc), instance)
             raise
         except BaseException:
             self.release(instance)
@@ -383,7 +409,7 @@ class InstancePool:
         instance = self.acquire(timeout)
         start = time.perf_counter()
         outputs = self.run_on(instance, inputs, batch)  # a failure or timeout leaves the version demoted
-        if (time.perf_counter() - start) * 1000 < budget_ms / 2:
+        if (time.perf_counter() - start) * 1000 < budget_ms / 2 and not self._worker_only:
             self.inline_allowed = True
         return outputs
 
@@ -440,8 +466,14 @@ class InstancePool:
             if self._closed:
                 return
             self._closed = True
-            self._idle.clear()
             slots = self.live
             self._cond.notify_all()
+        # One pop at a time (atomic): an instance a racing caller took is never closed under it.
+        while True:
+            try:
+                instance = self._idle.pop()
+            except IndexError:
+                break
+            instance.close()
         # Instances still in use die with their callers (release after close drops them).
         self._budget.unregister(self, slots)

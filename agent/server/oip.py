@@ -25,11 +25,16 @@ from agent.server.tensors import decode_inputs, encode_outputs, requested_output
 from agent.spec import TensorSpec
 
 if TYPE_CHECKING:
+    from agent.llm.command_apps import CommandApps  # agent/llm: set by agent/wiring.py attach_llm
     from agent.metrics import Metrics
     from agent.models import ModelManager
     from agent.runtime import LoadedModel
+    from agent.wasinn.backend import BackendRegistry
 
 EXTENSIONS = ["model_repository", "metrics", "binary_tensor_data"]
+# Listed when the agent has WASI-NN backends; the server metadata then names them under WASI_NN_KEY.
+WASI_NN_EXTENSION = "wasi_nn"
+WASI_NN_KEY = "wasi_nn_backends"
 
 Handler = Callable[..., "Response | Awaitable[Response]"]
 # The route cache's bounds: paths remembered, and the longest path remembered.
@@ -46,12 +51,20 @@ class InferenceAPI:
         core: InferenceCore,
         is_ready: Callable[[], bool],
         extra_routes: Callable[[Request, list[str]], Response | Awaitable[Response] | None] | None = None,
+        nn_backends: BackendRegistry | None = None,
     ):
         self.models = models
+        self.nn_backends = nn_backends
         self.metrics = metrics
         self.core = core
         self.is_ready = is_ready
         self.extra_routes = extra_routes
+        # -- agent/llm (set by agent/wiring.py attach_llm; None without it) --
+        # The OpenAI-compatible routes: every path below /v1 (agent/server/openai_api.py).
+        self.v1_routes: Callable[[Request, list[str]], Response | Awaitable[Response] | None] | None = None
+        # WASI-NN command apps (wasi_nn.app "command"): each v2 inference runs the app once.
+        self.command_apps: CommandApps | None = None
+        # -- end agent/llm --
         # Inference paths already matched, path -> (model, version or None): the hot path skips
         # the split and the segment matching. Bounded: clients choose paths.
         self._infer_paths: dict[str, tuple[str, str | None]] = {}
@@ -73,6 +86,15 @@ class InferenceAPI:
             return Response.error(404, f"no such endpoint: {request.method} {request.path}")
         return result
 
+    def server_metadata(self) -> dict[str, Any]:
+        """``GET /v2``: the protocol's fields, and the WASI-NN backends this node offers (an extension)."""
+        meta: dict[str, Any] = {"name": "edge-agent", "version": __version__, "extensions": EXTENSIONS}
+        backends = self.nn_backends.describe() if self.nn_backends is not None else []
+        if backends:
+            meta["extensions"] = [*EXTENSIONS, WASI_NN_EXTENSION]
+            meta[WASI_NN_KEY] = backends
+        return meta
+
     def _route(self, request: Request, parts: list[str]) -> Response | Awaitable[Response] | None:
         method = request.method
         if parts == ["metrics"]:
@@ -80,12 +102,12 @@ class InferenceAPI:
                 200, self.metrics.exposition(), content_type="text/plain; version=0.0.4; charset=utf-8"
             )
         if not parts or parts[0] != "v2":
+            if parts and parts[0] == "v1" and self.v1_routes is not None:  # agent/llm: OpenAI-compatible
+                return self.v1_routes(request, parts[1:])
             return None
         rest = parts[1:]
         if not rest:
-            return self._only(method, "GET") or Response.json(
-                200, {"name": "edge-agent", "version": __version__, "extensions": EXTENSIONS}
-            )
+            return self._only(method, "GET") or Response.json(200, self.server_metadata())
         if rest == ["health", "live"]:
             return self._only(method, "GET") or Response.json(200, {"live": True})
         if rest == ["health", "ready"]:
@@ -138,6 +160,9 @@ class InferenceAPI:
     def _infer(self, request: Request, name: str, version: str | None) -> Response | Awaitable[Response]:
         start = time.perf_counter()
         loaded = self.models.get(name, version)
+        nn = loaded.spec.wasi_nn
+        if nn is not None and nn.app == "command" and self.command_apps is not None:  # agent/llm: run per request
+            return self.command_apps.infer(loaded, request, start)
         header_length = request.headers.get(INFERENCE_HEADER)
         if header_length is not None:  # a binary part follows the JSON (binary_tensors.py)
             return self._infer_extended(loaded, decode_request(loaded.spec, request, header_length), start)

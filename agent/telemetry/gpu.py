@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import structlog
 
@@ -110,3 +110,21 @@ class GpuProbe:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# -- per-model figures next to the device's (agent/wasinn/gpu.py) -------------------------------------
+class GpuReader(Protocol):
+    """What telemetry reads its GPU section from: a :class:`GpuProbe`, or the agent's GPU scheduler,
+    whose entries also list the versions each device holds."""
+
+    def read(self) -> list[dict[str, Any]] | None: ...
+    def close(self) -> None: ...
+
+
+def with_models(devices: list[dict[str, Any]], models: Mapping[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each device entry with ``models``: the versions it holds (memory, GPU time), in label order."""
+    out = []
+    for entry in devices:
+        held = sorted(models.get(entry["index"], []), key=lambda m: str(m.get("model")))
+        out.append(dict(entry) | {"models": held})
+    return out

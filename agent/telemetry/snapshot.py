@@ -58,8 +58,10 @@ def build_snapshot(
     cpu: CpuMeter | None = None,
     serving: Sequence[tuple[str, str]] = (),
     now: float | None = None,
+    wasi_nn: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """``samples`` is :meth:`agent.metrics.Metrics.snapshot`; ``serving`` the (model, version) pairs routed."""
+    """``samples`` is :meth:`agent.metrics.Metrics.snapshot`; ``serving`` the (model, version) pairs routed;
+    ``wasi_nn`` the node's WASI-NN backends (``BackendRegistry.describe``), as ``wasi_nn_backends``."""
     now = time.time() if now is None else now
     models: dict[tuple[str, str], dict[str, Any]] = {}
     for model, version in serving:
@@ -94,6 +96,8 @@ def build_snapshot(
             node["cpu_percent"] = percent
     if gpu is not None:
         snapshot["gpu"] = gpu
+    if wasi_nn is not None:
+        snapshot["wasi_nn_backends"] = wasi_nn
     return snapshot
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -148,6 +148,8 @@ class NamedModel:
     encoding: GraphEncoding
     target: ExecutionTarget
     path: Path
+    # Graph options the node sets over the guest's own (a GPU lease's device_index: agent/wasinn/gpu.py).
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -156,6 +158,8 @@ class NamedModels:
 
     registry: BackendRegistry
     models: dict[str, NamedModel] = field(default_factory=dict)
+    # Applied to every graph loaded here (GpuGraph: a leased version's computes hold a GPU slot).
+    wrap: Callable[[Graph], Graph] | None = None
     _graphs: dict[tuple[str, str], Graph] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -168,7 +172,10 @@ class NamedModels:
         with self._lock:
             graph = self._graphs.get(key)
             if graph is None:
-                graph = self.registry.get(model.encoding).load_file(model.path, model.target, config)
+                options = {**config, **model.options}  # the node's placement wins over a guest's config
+                graph = self.registry.get(model.encoding).load_file(model.path, model.target, options)
+                if self.wrap is not None:
+                    graph = self.wrap(graph)
                 self._graphs[key] = graph
         return graph
 
