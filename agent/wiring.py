@@ -192,6 +192,7 @@ def attach_grpc(agent: Agent) -> GrpcServer | None:
         is_ready=lambda: agent.started and not agent.stopping,
         repository=agent.repository_api,
         log=agent.log,
+        nn_backends=agent.nn_backends,
     )
     if server is None:
         return None

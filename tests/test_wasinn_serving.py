@@ -130,6 +130,8 @@ def test_rest_and_grpc_answer_what_onnxruntime_answers(agents, nn_models):
         out = response.outputs[0]
         assert (out.name, out.datatype, list(out.shape)) == ("y", "FP32", [3, 3])
         assert np.array_equal(np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(3, 3), want)
+        # gRPC's ServerMetadataResponse has no field for the backend list: its extensions name WASI-NN.
+        assert "wasi_nn" in stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=60).extensions
 
     # The bundled digits model serves beside it.
     status, body = http("GET", agent.url + "/v2/models/digits/ready")

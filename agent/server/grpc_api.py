@@ -38,11 +38,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agent import __version__
 from agent.errors import AgentError, BadRequest, ConfigError, ListenError, NotFound, Unavailable
 from agent.server.inference import InferenceCore
+from agent.server.oip import WASI_NN_EXTENSION
 from agent.server.proto import inference_pb2 as pb
 from agent.server.proto import inference_pb2_grpc as pb_grpc
 from agent.server.repository_api import is_loopback
 from agent.server.tensors import input_named, output_named
 from agent.spec import ModelSpec, TensorSpec
+from agent.wasinn.backend import BackendRegistry
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -241,12 +243,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         is_ready: Callable[[], bool],
         repository: RepositoryAPI | None,
         slots: CallSlots,
+        nn_backends: BackendRegistry | None = None,
     ):
         self.models = models
         self.core = core
         self.is_ready = is_ready
         self.repository = repository
         self.slots = slots
+        self.nn_backends = nn_backends
 
     # -- health and metadata --------------------------------------------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -265,6 +269,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
         extensions = ["model_repository"] if self.repository is not None else []
+        # The message has no field for the backend list (REST's GET /v2 carries it): the extension says there are some.
+        if self.nn_backends is not None and self.nn_backends.available:
+            extensions.append(WASI_NN_EXTENSION)
         return pb.ServerMetadataResponse(name="edge-agent", version=__version__, extensions=extensions)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -591,6 +598,7 @@ def build_grpc_server(
     is_ready: Callable[[], bool],
     repository: RepositoryAPI | None,
     log: FilteringBoundLogger,
+    nn_backends: BackendRegistry | None = None,
 ) -> GrpcServer | None:
     """The gRPC front end ``config`` asks for, or None when ``grpc_listen`` is off.
 
@@ -617,7 +625,9 @@ def build_grpc_server(
         host=address[0],
         port=address[1],
         credentials=credentials,
-        servicer=InferenceServicer(models=models, core=core, is_ready=is_ready, repository=repository, slots=slots),
+        servicer=InferenceServicer(
+            models=models, core=core, is_ready=is_ready, repository=repository, slots=slots, nn_backends=nn_backends
+        ),
         health=HealthServicer(is_ready=is_ready, slots=watch_slots),
         max_message_bytes=config.max_body_bytes,
         max_metadata_bytes=config.max_header_bytes,
