@@ -38,6 +38,10 @@ DATATYPES: dict[str, np.dtype] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
 }
+# BYTES (variable-length strings) is not stored in any tensor buffer: only a WASI-NN command app
+# (agent/llm/command_apps.py, its prompt and its text) declares it; its NumPy form holds objects.
+BYTES = "BYTES"
+BYTES_DTYPE = np.dtype(object)
 # safetensors spells datatypes differently.
 SAFETENSORS_DTYPES = {
     "BOOL": "BOOL",
@@ -63,7 +67,10 @@ class TensorSpec:
 
     @property
     def dtype(self) -> np.dtype:
-        return DATATYPES[self.datatype]
+        try:
+            return DATATYPES[self.datatype]
+        except KeyError:  # BYTES, a command app's: see BYTES_DTYPE
+            return BYTES_DTYPE
 
     @property
     def row_shape(self) -> tuple[int, ...]:
@@ -275,8 +282,12 @@ class ModelSpec:
         max_batch = doc.get("max_batch")
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or not 1 <= max_batch <= 65536:
             raise InvalidModel(f"max_batch must be an integer in 1..65536, got {max_batch!r}")
-        inputs = _tensors(doc, "inputs", batched=True)
-        outputs = _tensors(doc, "outputs", batched=True)
+        # -- BYTES for WASI-NN command apps (agent/llm/command_apps.py) --
+        wasi_nn = WasiNnSpec.from_dict(doc["wasi_nn"]) if doc.get("wasi_nn") is not None else None
+        command_app = wasi_nn is not None and wasi_nn.app == "command"
+        inputs = _tensors(doc, "inputs", batched=True, allow_bytes=command_app)
+        outputs = _tensors(doc, "outputs", batched=True, allow_bytes=command_app)
+        # -- end --
         params = _tensors(doc, "params", batched=False, allow_empty=True)
         if not inputs or not outputs:
             raise InvalidModel("a model needs at least one input and one output")
@@ -285,7 +296,8 @@ class ModelSpec:
         if not isinstance(warmup, dict):
             raise InvalidModel("warmup must be an object")
         warmup_inputs = _warmup_tensors(warmup.get("inputs"), inputs, "inputs", max_batch)
-        if set(warmup_inputs) != {t.name for t in inputs}:
+        # A command app is not warmed up (it runs per request): its warm-up is optional.
+        if set(warmup_inputs) != {t.name for t in inputs} and not (command_app and not warmup_inputs):
             raise InvalidModel("warmup.inputs must give every input of the model")
         warmup_outputs = _warmup_tensors(warmup.get("outputs"), outputs, "outputs", max_batch)
 
@@ -323,7 +335,7 @@ class ModelSpec:
             description=str(doc.get("description", "")),
             files=dict(files),
             dynamic_batching=batching,
-            wasi_nn=WasiNnSpec.from_dict(doc["wasi_nn"]) if doc.get("wasi_nn") is not None else None,
+            wasi_nn=wasi_nn,
             raw=doc,
         )
 
@@ -344,7 +356,9 @@ def _opt_int(doc: dict[str, Any], key: str) -> int | None:
     return value
 
 
-def _tensors(doc: dict[str, Any], key: str, batched: bool, allow_empty: bool = False) -> tuple[TensorSpec, ...]:
+def _tensors(
+    doc: dict[str, Any], key: str, batched: bool, allow_empty: bool = False, allow_bytes: bool = False
+) -> tuple[TensorSpec, ...]:
     items = doc.get(key, [] if allow_empty else None)
     if not isinstance(items, list):
         raise InvalidModel(f"{key} must be a list of tensors")
@@ -361,8 +375,9 @@ def _tensors(doc: dict[str, Any], key: str, batched: bool, allow_empty: bool = F
             raise InvalidModel(f"{where}: duplicate tensor name {name!r}")
         seen.add(name)
         datatype = item.get("datatype")
-        if datatype not in DATATYPES:
-            raise InvalidModel(f"{where}.datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
+        if datatype not in DATATYPES and not (allow_bytes and datatype == BYTES):
+            also = " (BYTES only for a WASI-NN command app)" if datatype == BYTES else ""
+            raise InvalidModel(f"{where}.datatype {datatype!r} is not one of {', '.join(DATATYPES)}{also}")
         shape = item.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise InvalidModel(f"{where}.shape must be a list of integers")

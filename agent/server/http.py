@@ -40,6 +40,14 @@ destroy the answer.
 The application is a callable taking a :class:`Request` and returning either
 a :class:`Response` (answered at once, no task is created) or an awaitable of
 one (for work that leaves the event loop).
+
+A :class:`StreamingResponse` (a language model's tokens as server-sent events)
+is sent as it is made, chunked: each piece is written when its producer yields
+it, and while the transport holds more than ``write_buffer_high_bytes`` unsent
+the producer is not asked for the next one, so a client that stops reading
+holds one high-water mark plus one piece, never the whole body. When the client
+goes away the producer is cancelled; long work that answers with a plain
+response can learn of it too (:meth:`Request.on_disconnect`).
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ import asyncio
 import collections
 import email.utils
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -83,9 +91,20 @@ class Request:
     query: str
     headers: dict[str, str]
     body: bytes
+    # The connection it came on (None for a request made by hand): see on_disconnect.
+    connection: _Connection | None = field(default=None, repr=False, compare=False)
 
     def header(self, name: str, default: str = "") -> str:
         return self.headers.get(name, default)
+
+    def on_disconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the loop if the client's connection closes before this request is answered.
+
+        At once when it is closed already. For long work (a language model generating) that
+        should stop when nobody waits for its answer; forgotten once the answer is sent.
+        """
+        if self.connection is not None:
+            self.connection.watch_disconnect(callback)
 
 
 @dataclass
@@ -102,6 +121,18 @@ class Response:
     @classmethod
     def error(cls, status: int, message: str) -> Response:
         return cls(status, orjson.dumps({"error": message}))
+
+
+@dataclass(kw_only=True)
+class StreamingResponse(Response):
+    """A response whose body is sent as ``chunks`` yields it (chunked; to the close for HTTP/1.0).
+
+    ``body`` is unused. The producer is asked for a piece only while the client reads
+    (backpressure), and is cancelled when the client goes away; a producer that raises
+    ends the connection (the body's end is then missing, so the client sees it cut).
+    """
+
+    chunks: AsyncIterator[bytes]
 
 
 App = Callable[[Request], "Response | Awaitable[Response]"]
@@ -258,6 +289,11 @@ class _Connection(asyncio.Protocol):
         self._refusal: Response | None = None  # the answer to a refused stream, not yet sent
         self._refusal_kind = ""
         self._linger: asyncio.TimerHandle | None = None
+        # A streaming response being sent, and the wait for its client to read (resume_writing).
+        self._stream: asyncio.Future[bool] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        # Callbacks of the request in the application's hands for the client going away (on_disconnect).
+        self._disconnect_watchers: list[Callable[[], None]] | None = None
 
     # -- transport events ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -283,6 +319,23 @@ class _Connection(asyncio.Protocol):
         self.pending.clear()
         self._unparsed = b""
         self.transport = None
+        if self._stream is not None:
+            self._stream.cancel()  # its producer stops: nobody reads what it makes
+        watchers, self._disconnect_watchers = self._disconnect_watchers, None
+        for callback in watchers or ():
+            try:
+                callback()
+            except Exception:
+                log.exception("disconnect callback failed")
+
+    def watch_disconnect(self, callback: Callable[[], None]) -> None:
+        """See :meth:`Request.on_disconnect`."""
+        if self.transport is None:
+            asyncio.get_running_loop().call_soon(callback)
+            return
+        if self._disconnect_watchers is None:
+            self._disconnect_watchers = []
+        self._disconnect_watchers.append(callback)
 
     def pause_writing(self) -> None:
         # The client is not reading as fast as we answer: stop parsing its
@@ -293,6 +346,9 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         self.last_active = time.monotonic()  # the client reads: it is slow, not gone
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)  # a streaming response goes on
         self._advance()
 
     def data_received(self, data: bytes) -> None:
@@ -485,7 +541,7 @@ class _Connection(asyncio.Protocol):
         self._chunked = False
         stored = self._body
         body = stored if isinstance(stored, bytes) else bytes(stored)
-        request = Request(self.parser.get_method().decode(), path, query, self._headers, body)
+        request = Request(self.parser.get_method().decode(), path, query, self._headers, body, self)
         held, self._reserved = self._reserved, 0
         self._body = b""
         if not self.parser.should_keep_alive():
@@ -554,10 +610,14 @@ class _Connection(asyncio.Protocol):
             transport.resume_reading()
 
     def _finish(self, response: Response) -> None:
-        self.server.requests_in_flight -= 1
         if self._dispatched:
             self.server.body_bytes_held -= self._dispatched
             self._dispatched = 0
+        if isinstance(response, StreamingResponse):
+            self._start_stream(response)
+            return
+        self.server.requests_in_flight -= 1
+        self._disconnect_watchers = None
         keep_alive = self.keep_alive and not self.server.closing
         self._write(response, keep_alive)
         if not keep_alive and not self.pending and self._refusal is None and self.transport is not None:
@@ -590,6 +650,92 @@ class _Connection(asyncio.Protocol):
         head.append(b"\r\n")
         head.append(response.body)
         self.transport.write(b"".join(head))
+
+    # -- streaming responses ---------------------------------------------------------------
+    def _start_stream(self, response: StreamingResponse) -> None:
+        """Send ``response`` as its producer makes it; the connection is busy until it ends."""
+        self.busy = True
+        self._stream = asyncio.ensure_future(self._send_stream(response))
+        self._stream.add_done_callback(self._on_stream_done)
+
+    async def _send_stream(self, response: StreamingResponse) -> bool:
+        """Write the head, then each piece; True when the whole body went out."""
+        chunks = response.chunks
+        try:
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return False
+            # HTTP/1.0 has no chunked framing: the body ends with the connection.
+            framed = self.parser.get_http_version() != "1.0"
+            if not framed:
+                self.keep_alive = False
+            reason = _REASONS.get(response.status, "Unknown")
+            head = [
+                f"HTTP/1.1 {response.status} {reason}\r\nServer: edge-agent\r\nDate: ".encode(),
+                self.server._dates.get(),
+                b"\r\nContent-Type: " + response.content_type.encode("latin-1") + b"\r\n",
+            ]
+            if framed:
+                head.append(b"Transfer-Encoding: chunked\r\n")
+            for name, value in response.headers:
+                head.append(f"{name}: {value}\r\n".encode("latin-1"))
+            if not (self.keep_alive and not self.server.closing):
+                head.append(b"Connection: close\r\n")
+            head.append(b"\r\n")
+            transport.write(b"".join(head))
+            async for piece in chunks:
+                transport = self.transport
+                if transport is None or transport.is_closing():
+                    return False
+                if not piece:
+                    continue  # an empty chunk would end a chunked body
+                transport.write(b"%x\r\n%b\r\n" % (len(piece), piece) if framed else piece)
+                self.last_active = time.monotonic()
+                if self._write_paused:
+                    # Backpressure: the next piece is asked for once the client has read.
+                    self._drain_waiter = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._drain_waiter
+                    finally:
+                        self._drain_waiter = None
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return False
+            if framed:
+                transport.write(b"0\r\n\r\n")
+            return True
+        finally:
+            if isinstance(chunks, AsyncGenerator):
+                await chunks.aclose()  # the producer's cleanup runs now, not when collected
+
+    def _on_stream_done(self, task: asyncio.Future[bool]) -> None:
+        self._stream = None
+        self.server.requests_in_flight -= 1
+        self._disconnect_watchers = None
+        self.busy = False
+        self.last_active = now = time.monotonic()
+        if self.phase != _IDLE:
+            self.phase_since = now
+        completed = False
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is not None:
+                log.error("streaming response failed", error=repr(exc))
+            else:
+                completed = task.result()
+        transport = self.transport
+        if transport is None:
+            return
+        if not completed:
+            # The body was cut: only closing tells the client so.
+            self.keep_alive = False
+            transport.close()
+            return
+        keep_alive = self.keep_alive and not self.server.closing
+        if not keep_alive and not self.pending and self._refusal is None:
+            transport.close()
+            return
+        self._advance()
 
     # -- refusals ------------------------------------------------------------------------
     def _refuse(self, response: Response, kind: str) -> None:
