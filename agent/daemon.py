@@ -22,7 +22,7 @@ import structlog
 
 from agent import exitcodes
 from agent.cas import BlobStore
-from agent.config import Config, WasiNnSettings
+from agent.config import Config, GpuSettings, WasiNnSettings
 from agent.errors import AgentError, CorruptBlob, ListenError, StateDirError
 from agent.events import EventBus
 from agent.fsmodes import private_dirs, tighten_tree
@@ -35,7 +35,9 @@ from agent.server.http import HttpServer
 from agent.server.inference import InferenceCore
 from agent.server.oip import InferenceAPI
 from agent.state import StateDB, VersionRecord
+from agent.telemetry.gpu import GpuProbe
 from agent.wasinn.backend import KNOWN_BACKENDS, BackendRegistry, discover
+from agent.wasinn.gpu import GpuScheduler, discover_gpus
 
 if TYPE_CHECKING:
     # The optional parts' types only: agent/wiring.py builds them, and importing them
@@ -89,6 +91,11 @@ class Agent:
         # The WASI-NN backends this node offers ([wasi_nn]): found by package, imported on first use.
         nn = WasiNnSettings.from_config(config, known=tuple(info.name for info in KNOWN_BACKENDS))
         self.nn_backends = BackendRegistry(available=discover(nn.backends), options=nn.options)
+        # The node's GPUs ([gpu]), found through NVML: admission of gpu/auto WASI-NN versions by memory,
+        # a concurrency bound per device, per-version GPU time for telemetry (agent/wasinn/gpu.py).
+        gpu_settings = GpuSettings.from_config(config)
+        gpu_probe = GpuProbe(self.log, enabled=gpu_settings.enabled)
+        self.gpu = GpuScheduler(devices=discover_gpus(gpu_probe), settings=gpu_settings, probe=gpu_probe)
         self.models = ModelManager(
             self.runtime,
             self.blobs,
@@ -96,6 +103,7 @@ class Agent:
             on_replace=self._instance_replaced,
             budget=InstanceBudget(limit=config.max_instances),
             nn_registry=self.nn_backends,
+            gpu=self.gpu,
         )
         self.metrics.track_instances(self.models.budget)
         self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="infer")
@@ -296,6 +304,7 @@ class Agent:
         await self.reaper.stop()
         self.executor.shutdown(wait=True, cancel_futures=False)
         self.models.close()
+        self.gpu.close()
         self.db.close()
         if self._owns_runtime:
             self.runtime.close()

@@ -127,6 +127,26 @@ class ConfigError(AgentError):
     wire_code = "config_error"
 
 
+# -- GPU admission (agent/wasinn/gpu.py) ---------------------------------------------------------------
+class GpuUnavailable(Unavailable):
+    """A version asks for a GPU the node cannot give: none there, or no room left in the memory budget.
+
+    The message says what was asked, what is free on each device and which versions hold it.
+    """
+
+    http_status = 503
+    exit_code = exitcodes.UNAVAILABLE
+    wire_code = "gpu_unavailable"
+
+
+class GpuBusy(Unavailable):
+    """A call waited its bound for a GPU concurrency slot (``[gpu] max_concurrency``); worth a retry."""
+
+    http_status = 503
+    exit_code = exitcodes.TEMPFAIL
+    wire_code = "gpu_busy"
+
+
 # -- start-up -----------------------------------------------------------------------------------------
 class StateDirError(AgentError):
     """The state directory cannot be created or written."""

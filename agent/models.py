@@ -30,6 +30,7 @@ from agent.errors import NotFound, Unavailable
 from agent.runtime import InstanceBudget, LoadedModel, LoadSettings, WasmRuntime, load_version
 from agent.state import VersionRecord
 from agent.wasinn.backend import BackendRegistry
+from agent.wasinn.gpu import GpuScheduler
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,12 @@ class ModelManager:
         budget: InstanceBudget | None = None,
         *,
         nn_registry: BackendRegistry | None = None,
+        gpu: GpuScheduler | None = None,
     ):
         self.runtime = runtime
         # The node's WASI-NN backends (agent/wasinn): None serves no WASI-NN version.
         self.nn_registry = nn_registry
+        self.gpu = gpu  # the node's GPU scheduler: WASI-NN versions with target gpu/auto are admitted by it
         self.blobs = blobs
         self.settings = settings
         # The node's bound on live instances, shared by every version's pool (unbounded when None).
@@ -139,6 +142,7 @@ class ModelManager:
             on_replace=(lambda why: hook(record.model, record.version, why)) if hook else None,
             budget=self.budget,
             nn_registry=self.nn_registry,
+            gpu=self.gpu,
         )
         with self._lock:
             # A version replaced here (same name, other content) stays open for its

@@ -247,6 +247,7 @@ def attach_mqtt(agent: Agent) -> MqttChannel | None:
         cache=agent.cache,
         log=agent.log,
         nn_backends=agent.nn_backends,
+        gpu=agent.gpu,
     )
     agent.mqtt = channel
     agent.services.append(channel)

@@ -36,6 +36,8 @@ CONTRACT: dict[str, tuple[int, int, str]] = {
     "ConversionRefused": (400, 65, "conversion_refused"),
     "CorruptBlob": (500, 1, "corrupt_blob"),
     "ConfigError": (500, 78, "config_error"),
+    "GpuUnavailable": (503, 69, "gpu_unavailable"),
+    "GpuBusy": (503, 75, "gpu_busy"),
     "StateDirError": (500, 73, "state_dir_error"),
     "ListenError": (500, 71, "listen_error"),
     "TokenFileError": (500, 73, "token_file_error"),

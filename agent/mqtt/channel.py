@@ -46,7 +46,7 @@ from agent.mqtt.nodestate import offline_state, online_state, will_payload
 from agent.mqtt.outbox import AsyncOutbox, Outbox
 from agent.mqtt.settings import MqttSettings
 from agent.mqtt.topics import Topics
-from agent.telemetry.gpu import GpuProbe
+from agent.telemetry.gpu import GpuProbe, GpuReader
 from agent.telemetry.settings import TelemetrySettings
 from agent.telemetry.snapshot import CacheSize, CpuMeter, build_snapshot, node_gauges
 
@@ -78,7 +78,7 @@ class MqttChannel:
         models: ModelManager,
         blobs: BlobStore,
         cache: CacheSize | None,
-        gpu: GpuProbe | None = None,
+        gpu: GpuReader | None = None,  # the agent's GPU scheduler: devices with the versions they hold
         log: FilteringBoundLogger | None = None,
         nn_backends: BackendRegistry | None = None,
     ):
@@ -98,7 +98,7 @@ class MqttChannel:
         # Settings that ``set-config`` may change while running.
         self.telemetry_interval_s = telemetry.interval_s
         self.drain_rate = self.settings.drain_rate
-        self.gpu = gpu if gpu is not None else GpuProbe(self.log, enabled=telemetry.gpu)
+        self.gpu: GpuReader = gpu if gpu is not None and telemetry.gpu else GpuProbe(self.log, enabled=telemetry.gpu)
         self.cpu = CpuMeter()
         self.link = Link(
             self.settings,

@@ -32,6 +32,7 @@ from agent.runtime.pool import InstanceBudget, InstancePool
 from agent.spec import ModelSpec
 from agent.state import VersionRecord
 from agent.wasinn.backend import BackendRegistry, NamedModels
+from agent.wasinn.gpu import GpuScheduler
 
 if TYPE_CHECKING:
     from agent.server.batching import Batcher
@@ -146,6 +147,7 @@ def load_version(
     budget: InstanceBudget | None = None,
     *,
     nn_registry: BackendRegistry | None = None,
+    gpu: GpuScheduler | None = None,
 ) -> LoadedModel:
     """``budget``: the node's bound on live instances (a private, unbounded one when None).
     ``nn_registry``: the node's WASI-NN backends; without it a WASI-NN version is refused."""
@@ -153,7 +155,9 @@ def load_version(
     # A module another version already compiled is shared: its blob is neither read nor hashed again.
     module = runtime.shared_module(record.module_digest)
     if read_stored_spec(blobs, record).wasi_nn is not None:
-        return _load_nn_version(runtime, blobs, record, settings, module, on_replace, budget, nn_registry, start)
+        return _load_nn_version(
+            runtime, blobs, record, settings, module, on_replace, budget, nn_registry, start, gpu=gpu
+        )
     spec, wasm, params = read_stored(blobs, record, module=module is None)
     if module is None:
         module = runtime.load_module(wasm, record.module_digest, validate=lambda m: _validate(spec, wasm, m))
@@ -190,6 +194,8 @@ def _load_nn_version(
     budget: InstanceBudget | None,
     registry: BackendRegistry | None,
     start: float,
+    *,
+    gpu: GpuScheduler | None = None,
 ) -> LoadedModel:
     """A WASI-NN version: the backend checked, the pool made with a host per instance. The named graph
     is loaded by the first instance's ``ea_init`` (``load_by_name``, with the app's own config: a
@@ -199,7 +205,7 @@ def _load_nn_version(
     assert spec.wasi_nn is not None
     if registry is None:
         raise InvalidModel(f"{spec.name}:{spec.version} is a WASI-NN model, and this agent serves none")
-    nn = NnVersion(registry=registry, spec=spec, weights_path=weights_path)
+    nn = NnVersion(registry=registry, spec=spec, weights_path=weights_path, gpu=gpu)
     reactor = spec.wasi_nn.app == "reactor"
     try:
         nn.check_backend()

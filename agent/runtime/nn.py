@@ -21,13 +21,16 @@ from agent.errors import InvalidModel
 from agent.spec import ModelSpec, WasiNnSpec
 from agent.wasinn.abi import ENCODING_NAMES, TARGET_NAMES, NnError
 from agent.wasinn.backend import BackendRegistry, NamedModel, NamedModels
+from agent.wasinn.gpu import GpuGraph, GpuScheduler, placement
 from agent.wasinn.host import NnHost
 
 
 class NnVersion:
     """The named model of one WASI-NN version and the hosts of its instances. Thread-safe."""
 
-    def __init__(self, *, registry: BackendRegistry, spec: ModelSpec, weights_path: Path):
+    def __init__(
+        self, *, registry: BackendRegistry, spec: ModelSpec, weights_path: Path, gpu: GpuScheduler | None = None
+    ):
         assert spec.wasi_nn is not None
         self.spec: WasiNnSpec = spec.wasi_nn
         self.label = f"{spec.name}:{spec.version}"
@@ -35,10 +38,18 @@ class NnVersion:
         self.encoding = ENCODING_NAMES[self.spec.encoding]
         self.target = TARGET_NAMES[self.spec.target]
         self.weights_path = weights_path
+        # -- GPU admission (agent/wasinn/gpu.py): a gpu/auto version takes the memory it declares on a
+        # device now (GpuUnavailable when target gpu finds none with room), or auto runs on the CPU;
+        # each compute then holds a slot of that device; close() gives the lease back.
+        lease = gpu.admit(self.label, self.spec.gpu_memory_mb, self.spec.target) if gpu is not None else None
+        self.gpu_lease = lease
+        target, options = placement(self.target, lease) if gpu is not None else (self.target, {})
         self.named = NamedModels(
             registry=registry,
-            models={self.spec.name: NamedModel(self.spec.name, self.encoding, self.target, weights_path)},
+            models={self.spec.name: NamedModel(self.spec.name, self.encoding, target, weights_path, options)},
+            wrap=(lambda graph: GpuGraph(graph, lease)) if lease is not None else None,
         )
+        # -- end GPU admission
         # Hosts made and not yet closed: a test hook and a leak check (instances dropped by eviction,
         # the reaper or an unload must take their host's contexts with them).
         self.open_hosts = 0
@@ -73,3 +84,5 @@ class NnVersion:
     def close(self) -> None:
         """The version is unloaded: its shared graphs go (its instances are gone already)."""
         self.named.close()
+        if self.gpu_lease is not None:
+            self.gpu_lease.release()  # after the graphs: the memory is free when the budget says so
