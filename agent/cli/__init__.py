@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from agent import __version__
-from agent.cli import core, images, lifecycle, wasi
+from agent.cli import check, core, images, lifecycle, wasi
 from agent.errors import AgentError, ConfigError
 
-AREAS = (core, images, lifecycle, wasi)
+AREAS = (core, images, lifecycle, wasi, check)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,8 +49,9 @@ if TYPE_CHECKING:
 
 PubackHandler = Callable[[int, ReasonCode], bool]
 Session = Callable[[aiomqtt.Client], Awaitable[None]]
-# Makes the last will for one connection attempt (it carries the time it was registered).
-WillFactory = Callable[[], aiomqtt.Will]
+# Makes the last will for one connection attempt (it carries the time it was registered); None: no will
+# (`edge-agent check`'s probe connection must not leave one).
+WillFactory = Callable[[], aiomqtt.Will | None]
 
 
 @dataclass
@@ -172,6 +173,15 @@ class Link:
         return self.client._client if self.client is not None else None
 
     # -- building a client ----------------------------------------------------------------------
+    async def make_client(self) -> aiomqtt.Client:
+        """A client built as every connect builds one (TLS files and password read now), not connected yet.
+
+        ``edge-agent check`` connects with it, so what it reports is what the agent would do with the
+        same settings.
+        """
+        tls, password = await asyncio.to_thread(self._load_credentials)
+        return self._client(tls, password)
+
     def _load_credentials(self) -> tuple[ssl.SSLContext | None, str | None]:
         """Read certificates and the password file afresh for every attempt: they may be rotated on disk."""
         settings = self.settings
