@@ -28,7 +28,7 @@ from agent.server.http import HttpServer, Request, Response, StreamingResponse
 from agent.spec import ModelSpec
 from agent.wasinn.backend import BackendRegistry, discover
 from agent.wasinn.command import run_command
-from agent.wiring import attach_lifecycle, attach_llm
+from agent.wiring import attach_grpc, attach_lifecycle, attach_llm
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the ggml backend) is not installed")
 
@@ -317,7 +317,11 @@ def test_bytes_tensors_are_declared_only_by_command_apps(tmp_path: Path):
 
 # -- a real agent ---------------------------------------------------------------------------------------
 def llm_agent(
-    tmp_path: Path, model_dir: Path, env: dict[str, str] | None = None, apis: list[Any] | None = None
+    tmp_path: Path,
+    model_dir: Path,
+    env: dict[str, str] | None = None,
+    apis: list[Any] | None = None,
+    grpc_api: bool = False,
 ) -> AgentThread:
     """An agent serving ``model_dir``'s model; ``apis`` receives its OpenAI API (to look at its engines)."""
     spec = json.loads((model_dir / "model.json").read_text())
@@ -329,13 +333,15 @@ def llm_agent(
         api = attach_llm(agent)
         if apis is not None:
             apis.append(api)
+        if grpc_api:
+            attach_grpc(agent)
 
     config = Config.load(
         env=env or {},
         overrides={
             "state_dir": tmp_path / "state",
             "listen": "127.0.0.1:0",
-            "grpc_listen": "off",
+            "grpc_listen": "127.0.0.1:0" if grpc_api else "off",
             "log_level": "warning",
             "seed_bundled": False,
         },
@@ -348,9 +354,13 @@ def agents() -> Any:
     running: list[AgentThread] = []
 
     def factory(
-        tmp_path: Path, model_dir: Path, env: dict[str, str] | None = None, apis: list[Any] | None = None
+        tmp_path: Path,
+        model_dir: Path,
+        env: dict[str, str] | None = None,
+        apis: list[Any] | None = None,
+        grpc_api: bool = False,
     ) -> AgentThread:
-        running.append(llm_agent(tmp_path, model_dir, env, apis))
+        running.append(llm_agent(tmp_path, model_dir, env, apis, grpc_api))
         return running[-1]
 
     yield factory
@@ -596,3 +606,27 @@ def test_max_concurrency_runs_generations_side_by_side_each_on_its_own_context(t
     cancelled = lambda: metric(agent, "edge_agent_llm_requests_total", model="tinychat", outcome="cancelled")  # noqa: E731
     wait_for(lambda: cancelled() == 2, "both generations to stop")
     assert metric(agent, "edge_agent_llm_tokens_generated_total", model="tinychat") < 2 * LONG
+
+
+def test_command_app_over_grpc_is_refused_saying_it_is_served_over_rest(tmp_path, agents):
+    import grpc
+
+    from agent.server.proto import inference_pb2 as pb
+    from agent.server.proto import inference_pb2_grpc as pb_grpc
+
+    model = llm_model_dir(tmp_path / "m", args=('{"n-predict": 4, "temp": 0}',))
+    agent = agents(tmp_path, model, grpc_api=True)
+    host, port = agent.agent.grpc.address
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="tinychat")
+        tensor = request.inputs.add(name="prompt", datatype="BYTES")
+        tensor.shape.append(1)
+        tensor.contents.bytes_contents.append(b"once upon a time")
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request, timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "command app" in caught.value.details() and "REST" in caught.value.details()
+    # REST still answers it.
+    status, body = http("POST", agent.url + "/v2/models/tinychat/infer", prompt_request("once upon a time"))
+    assert status == 200, body

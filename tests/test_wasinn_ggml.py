@@ -274,7 +274,11 @@ def test_cli_usage_errors_and_help(workdir: Path) -> None:
     assert proc.returncode == 66
     (workdir / "not.wasm").write_bytes(b"not wasm")
     proc = wasi_run(workdir, "not.wasm")
-    assert proc.returncode == 65
+    assert proc.returncode == 65 and "no \\0asm header" in proc.stderr, proc.stderr
+    (workdir / "cut.wasm").write_bytes((APPS / "basic.wasm").read_bytes()[:1000])
+    proc = wasi_run(workdir, "cut.wasm")
+    assert proc.returncode == 65 and "not a valid WebAssembly module: " in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].split("module: ", 1)[1].strip(" |^"), proc.stderr
     proc = wasi_run(workdir, "--help")
     assert proc.returncode == 0 and "NAME:ENCODING:TARGET:PATH" in proc.stdout
     # Everything after APP.wasm is the app's, dashes and all.
@@ -479,3 +483,25 @@ def test_committed_apps_are_the_published_binaries() -> None:
     assert sorted(name for name, _ in rows) == sorted(p.name for p in APPS.glob("*.wasm"))
     for name, digest in rows:
         assert hashlib.sha256((APPS / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_model_json_config_gives_default_graph_options_under_the_guests_own(workdir: Path) -> None:
+    """wasi_nn.config reaches the backend as defaults: a guest passing no option gets them, its own win."""
+    from agent.wasinn.abi import GraphEncoding
+    from agent.wasinn.backend import NamedModel, NamedModels
+
+    registry = BackendRegistry(available=discover(["llama.cpp"]))
+    model = NamedModel(
+        "default", GraphEncoding.GGML, ExecutionTarget.CPU, workdir / "tiny.gguf", defaults={"n-predict": 3, "temp": 0}
+    )
+    named = NamedModels(registry=registry, models={"default": model})
+    try:
+        for config, want in (({}, 3), ({"n-predict": 5}, 5)):
+            key = json.dumps(config, sort_keys=True)
+            ctx = named.graph("default", config, key).init_execution_context()
+            ctx.set_input(0, Tensor(dims=(1,), type=TensorType.U8, data=PROMPT.encode()))
+            ctx.compute()
+            assert json.loads(ctx.get_output(1))["output_tokens"] == want, config
+            ctx.close()
+    finally:
+        named.close()

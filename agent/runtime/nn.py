@@ -46,7 +46,11 @@ class NnVersion:
         target, options = placement(self.target, lease) if gpu is not None else (self.target, {})
         self.named = NamedModels(
             registry=registry,
-            models={self.spec.name: NamedModel(self.spec.name, self.encoding, target, weights_path, options)},
+            models={
+                self.spec.name: NamedModel(
+                    self.spec.name, self.encoding, target, weights_path, options, defaults=self.spec.config
+                )
+            },
             wrap=(lambda graph: GpuGraph(graph, lease)) if lease is not None else None,
         )
         # -- end GPU admission

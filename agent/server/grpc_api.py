@@ -306,6 +306,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             loaded = self.models.get(request.model_name, request.model_version or None)
             spec = loaded.spec
+            if spec.wasi_nn is not None and spec.wasi_nn.app == "command":
+                # A command app takes one BYTES prompt, served over REST JSON only (agent/llm/command_apps.py).
+                raise BadRequest(
+                    f"model {spec.name}:{spec.version} is a WASI-NN command app: infer over REST "
+                    f"(POST /v2/models/{spec.name}/infer, a BYTES prompt), not gRPC"
+                )
             tensors = decode_inputs(request, spec)
             size = sum(array.nbytes for array in tensors.values())
             if slots.over(size):

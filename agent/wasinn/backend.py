@@ -150,6 +150,8 @@ class NamedModel:
     path: Path
     # Graph options the node sets over the guest's own (a GPU lease's device_index: agent/wasinn/gpu.py).
     options: Mapping[str, Any] = field(default_factory=dict)
+    # Graph options under the guest's own: model.json's wasi_nn.config (a guest that passes none gets these).
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -172,7 +174,8 @@ class NamedModels:
         with self._lock:
             graph = self._graphs.get(key)
             if graph is None:
-                options = {**config, **model.options}  # the node's placement wins over a guest's config
+                # The model's defaults, then the guest's config, then the node's placement (which wins).
+                options = {**model.defaults, **config, **model.options}
                 graph = self.registry.get(model.encoding).load_file(model.path, model.target, options)
                 if self.wrap is not None:
                     graph = self.wrap(graph)

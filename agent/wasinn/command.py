@@ -25,6 +25,7 @@ from typing import Literal
 import wasmtime
 
 from agent.errors import InvalidModel
+from agent.runtime.engine import error_cause
 from agent.wasinn import guest_stdout
 from agent.wasinn.abi import ENCODING_NAMES, TARGET_NAMES
 from agent.wasinn.backend import BackendRegistry, NamedModel, NamedModels
@@ -128,7 +129,10 @@ def compile_command(engine: wasmtime.Engine, wasm: bytes) -> wasmtime.Module:
     try:
         return wasmtime.Module(engine, wasm)
     except wasmtime.WasmtimeError as exc:
-        raise InvalidModel(f"not a valid WebAssembly module: {str(exc).strip().splitlines()[-1]}") from exc
+        if not wasm.startswith(b"\0asm"):
+            # wasmtime reads anything without the magic as WAT text: its parse error ("expected `(`") misleads.
+            raise InvalidModel("not a WebAssembly module: no \\0asm header (and not WAT text either)") from exc
+        raise InvalidModel(f"not a valid WebAssembly module: {error_cause(exc)}") from exc
 
 
 def run_command(

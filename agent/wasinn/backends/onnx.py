@@ -42,12 +42,18 @@ class OnnxBackend:
         devices = ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in self._providers else [])
         return {"version": ort.__version__, "devices": devices}
 
-    def _session(self, model: bytes | str, target: ExecutionTarget) -> tuple[ort.InferenceSession, str]:
-        providers = ["CPUExecutionProvider"]
+    def _session(
+        self, model: bytes | str, target: ExecutionTarget, config: dict[str, Any]
+    ) -> tuple[ort.InferenceSession, str]:
+        providers: list[Any] = ["CPUExecutionProvider"]
         device = "cpu"
         if target in (ExecutionTarget.GPU, ExecutionTarget.AUTO) and "CUDAExecutionProvider" in self._providers:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            device = "cuda:0"
+            # The device the GPU scheduler leased this version (agent/wasinn/gpu.py placement), else the first.
+            index = config.get("device_index", 0)
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                raise NnError(Errno.INVALID_ARGUMENT, f"device_index must be a GPU index, got {index!r}")
+            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+            device = f"cuda:{index}"
         elif target is ExecutionTarget.GPU:
             raise NnError(Errno.UNSUPPORTED_OPERATION, "target gpu asked, but onnxruntime has no CUDA provider here")
         elif target is ExecutionTarget.TPU:
@@ -63,11 +69,11 @@ class OnnxBackend:
     def load_bytes(self, builders: Sequence[bytes], target: ExecutionTarget, config: dict[str, Any]) -> OnnxGraph:
         if len(builders) != 1:
             raise NnError(Errno.INVALID_ARGUMENT, f"an ONNX graph is one builder, got {len(builders)}")
-        session, device = self._session(builders[0], target)
+        session, device = self._session(builders[0], target, config)
         return OnnxGraph(session, device)
 
     def load_file(self, path: Path, target: ExecutionTarget, config: dict[str, Any]) -> OnnxGraph:
-        session, device = self._session(str(path), target)
+        session, device = self._session(str(path), target, config)
         return OnnxGraph(session, device)
 
 
