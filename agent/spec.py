@@ -161,12 +161,14 @@ class WasiNnSpec:
     app: str = "reactor"
     args: tuple[str, ...] = ()
     gpu_memory_mb: int = 0  # what the model needs on a GPU (admission against the GPU budget)
+    # Command apps: their environment (WasmEdge's example apps read n_predict, ctx_size... from it).
+    env: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_dict(cls, doc: Any) -> WasiNnSpec:
         if not isinstance(doc, dict):
             raise InvalidModel("wasi_nn must be an object")
-        unknown = set(doc) - {"encoding", "target", "name", "config", "app", "args", "gpu_memory_mb"}
+        unknown = set(doc) - {"encoding", "target", "name", "config", "app", "args", "gpu_memory_mb", "env"}
         if unknown:
             raise InvalidModel(f"wasi_nn has unknown keys {sorted(unknown)}")
         encoding = doc.get("encoding")
@@ -187,6 +189,14 @@ class WasiNnSpec:
         args = doc.get("args", [])
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args) or len(args) > 64:
             raise InvalidModel("wasi_nn.args must be a list of at most 64 strings")
+        env = doc.get("env", {})
+        if (
+            not isinstance(env, dict)
+            or len(env) > 64
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+            or any(not k or "=" in k or "\0" in k or "\0" in v or len(k) + len(v) > 4096 for k, v in env.items())
+        ):
+            raise InvalidModel("wasi_nn.env must map at most 64 variable names (no '=') to strings")
         gpu_mb = doc.get("gpu_memory_mb", 0)
         if not _is_int(gpu_mb) or gpu_mb < 0:
             raise InvalidModel("wasi_nn.gpu_memory_mb must be a non-negative integer")
@@ -198,6 +208,7 @@ class WasiNnSpec:
             app=app,
             args=tuple(args),
             gpu_memory_mb=gpu_mb,
+            env=tuple(sorted(env.items())),
         )
 
 

@@ -100,6 +100,7 @@ def llm_model_dir(
     gguf: Path | None = None,
     app: Path | None = None,
     eos_bias: bool = False,
+    env: dict[str, str] | None = None,
 ) -> Path:
     """A WASI-NN ggml model directory: model.json, the command app (ours, or ``app``'s bytes: one of
     WasmEdge's example apps), the tiny GGUF (made, with ``eos_bias`` as ggufkit has it, or ``gguf``'s bytes)."""
@@ -127,6 +128,7 @@ def llm_model_dir(
             "app": "command",
             "args": list(args),
             "config": {"ctx-size": ctx_size, **(config or {})},
+            **({"env": env} if env else {}),
         },
     }
     (path / "model.json").write_text(json.dumps(doc, indent=2))

@@ -630,3 +630,15 @@ def test_command_app_over_grpc_is_refused_saying_it_is_served_over_rest(tmp_path
     # REST still answers it.
     status, body = http("POST", agent.url + "/v2/models/tinychat/infer", prompt_request("once upon a time"))
     assert status == 200, body
+
+
+@pytest.mark.skipif(not WASMEDGE_BASIC.exists(), reason="WasmEdge's example apps are not in tests/data/wasmedge-ggml")
+def test_command_app_gets_the_environment_model_json_gives_it(tmp_path, agents):
+    """WasmEdge's apps read their options from the environment (``n_predict``...): wasi_nn.env sets it.
+    This GGUF never samples EOS, so without n_predict the app would generate until its context is full."""
+    model = llm_model_dir(tmp_path / "m", args=("default",), app=WASMEDGE_BASIC, env={"n_predict": "3"})
+    agent = agents(tmp_path, model)
+    status, body = http("POST", agent.url + "/v2/models/tinychat/infer", prompt_request("tell me about paris"))
+    assert status == 200, body
+    answer = body["outputs"][0]["data"][0].split("Response:\n", 1)[1]
+    assert 0 < len(answer.strip()) < 60, answer  # three tokens of the tiny vocabulary (a few characters each)

@@ -161,6 +161,7 @@ class CommandApps:
             return run_command(
                 loaded.module,
                 args=[*spec.wasi_nn.args, prompt],
+                env=dict(spec.wasi_nn.env),
                 program=f"{spec.name}.wasm",
                 named=nn.named,
                 registry=nn.registry,
