@@ -15,6 +15,7 @@ import gc
 import os
 import signal
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,7 +38,7 @@ from agent.server.oip import InferenceAPI
 from agent.state import StateDB, VersionRecord
 from agent.telemetry.gpu import GpuProbe
 from agent.wasinn.backend import KNOWN_BACKENDS, BackendRegistry, discover
-from agent.wasinn.gpu import GpuScheduler, discover_gpus
+from agent.wasinn.gpu import GpuDevice, GpuScheduler, discover_gpus
 
 if TYPE_CHECKING:
     # The optional parts' types only: agent/wiring.py builds them, and importing them
@@ -64,7 +65,9 @@ class Agent:
     # Start-up logs each model it loads up to this many; a node with more gets one summary line.
     LOG_EACH_LOAD_UP_TO = 50
 
-    def __init__(self, config: Config, runtime: WasmRuntime | None = None):
+    def __init__(
+        self, config: Config, runtime: WasmRuntime | None = None, *, gpu_devices: Sequence[GpuDevice] | None = None
+    ):
         self.config = config
         self.log = structlog.get_logger("edge_agent").bind(node=config.node_id)
         state = config.state_dir
@@ -94,8 +97,12 @@ class Agent:
         # The node's GPUs ([gpu]), found through NVML: admission of gpu/auto WASI-NN versions by memory,
         # a concurrency bound per device, per-version GPU time for telemetry (agent/wasinn/gpu.py).
         gpu_settings = GpuSettings.from_config(config)
-        gpu_probe = GpuProbe(self.log, enabled=gpu_settings.enabled)
-        self.gpu = GpuScheduler(devices=discover_gpus(gpu_probe), settings=gpu_settings, probe=gpu_probe)
+        gpu_probe: GpuProbe | None = None
+        if gpu_devices is None:
+            nvml = GpuProbe(self.log, enabled=gpu_settings.enabled)
+            gpu_probe, gpu_devices = nvml, discover_gpus(nvml)
+        # else devices given (a test): NVML is not asked, so the machine's own GPUs never mix in.
+        self.gpu = GpuScheduler(devices=gpu_devices, settings=gpu_settings, probe=gpu_probe)
         self.models = ModelManager(
             self.runtime,
             self.blobs,

@@ -79,12 +79,12 @@ class AgentThread:
     setup attached no lifecycle gets one afterwards, with the short grace above.
     """
 
-    def __init__(self, config: Config, setup: Any = None):
+    def __init__(self, config: Config, setup: Any = None, *, gpu_devices: Any = None):
         from agent.daemon import Agent
         from agent.wiring import attach_lifecycle
 
         self.loop = asyncio.new_event_loop()
-        self.agent = Agent(config)
+        self.agent = Agent(config, gpu_devices=gpu_devices)  # gpu_devices: GpuDevice list, None: NVML's
         if setup is not None:
             setup(self.agent)
         self.lifecycle = self.agent.control or attach_lifecycle(self.agent, rollback_grace_s=ROLLBACK_GRACE_S)

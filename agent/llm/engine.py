@@ -19,6 +19,7 @@ class adds the job's there.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,9 +33,12 @@ import structlog
 from agent.llm.channel import ChunkChannel
 from agent.llm.options import LlamaOptions
 from agent.llm.params import GenerationRequest
+from agent.wasinn.abi import ExecutionTarget
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
+
+    from agent.wasinn.gpu import GpuLease
 
 log = structlog.get_logger("edge_agent.llm")
 
@@ -85,6 +89,8 @@ class LlmEngine:
         options: LlamaOptions,
         slots: int,
         on_tokens: Callable[[int], None],
+        gpu_lease: GpuLease | None = None,
+        target: ExecutionTarget = ExecutionTarget.AUTO,
     ):
         self.label = label
         self.model_name = model_name
@@ -92,6 +98,12 @@ class LlmEngine:
         self.options = options
         self.slots = slots
         self._on_tokens = on_tokens
+        # -- GPU placement (agent/wasinn/gpu.py): the version's lease from its admission at load (None:
+        # the CPU, or no scheduler) and the target admission left it (``auto`` without a lease: ``cpu``).
+        self.gpu_lease = gpu_lease
+        self.target = target
+        self._said_cpu = False  # the "leased, but this llama.cpp cannot offload" line is logged once
+        # -- end GPU placement
         self._idle: list[Llama] = []
         self._made = 0
         self._active: set[Job] = set()
@@ -125,15 +137,33 @@ class LlmEngine:
             if job.cancelled.is_set():  # the client left while it waited for the thread
                 job.finish_reason = "stop"
                 return None
-            llama = self._checkout()
-            try:
-                return self._call(llama, job)
-            finally:
-                self._checkin(llama)
+            # A leased version holds a slot of its device for the whole generation (GpuBusy past
+            # [gpu] wait_s): [gpu] max_concurrency bounds generations and WASI-NN computes together,
+            # and the time is the version's GPU time. The context is made inside it: that loads layers.
+            with self._gpu_slot():
+                if job.cancelled.is_set():  # the client left while it waited for the device
+                    job.finish_reason = "stop"
+                    return None
+                llama = self._checkout()
+                try:
+                    return self._call(llama, job)
+                finally:
+                    self._checkin(llama)
         finally:
             with self._lock:
                 self._active.discard(job)
             self._on_tokens(job.tokens)
+
+    @contextlib.contextmanager
+    def _gpu_slot(self) -> Iterator[None]:
+        """The lease's compute slot (GpuBusy past [gpu] wait_s); nothing without a live lease."""
+        with contextlib.ExitStack() as stack:
+            lease = self.gpu_lease
+            if lease is not None and not lease.released:
+                # ValueError: released since it was looked at (a CPU-only ggml graph gave it back).
+                with contextlib.suppress(ValueError):
+                    stack.enter_context(lease.compute())
+            yield
 
     def _call(self, llama: Llama, job: Job) -> dict[str, Any] | None:
         request = job.request
@@ -197,18 +227,27 @@ class LlmEngine:
 
         opts = self.options
         cls = self._context_class()
-        # A build without GPU offload runs every layer on the CPU, whatever the model asks.
-        gpu_layers = opts.n_gpu_layers if llama_cpp.llama_supports_gpu_offload() else 0
-        log.info("language model context made", model=self.label, n_ctx=opts.n_ctx, gpu_layers=gpu_layers)
+        offload = bool(llama_cpp.llama_supports_gpu_offload())
+        lease = self.gpu_lease
+        if lease is not None and not lease.released and not offload:
+            with self._lock:
+                said, self._said_cpu = self._said_cpu, True
+            if not said:
+                log.warning(
+                    "language model runs on the CPU: this llama.cpp build has no GPU offload",
+                    model=self.label,
+                    leased=lease.device,
+                )
+        placed = context_params(opts, lease=lease, target=self.target, offload=offload)
+        log.info("language model context made", model=self.label, n_ctx=opts.n_ctx, gpu_layers=placed["n_gpu_layers"])
         return cls(
             model_path=str(self.model_path),
             n_ctx=opts.n_ctx,
             n_batch=min(opts.n_batch, opts.n_ctx),
             n_threads=opts.n_threads,
-            n_gpu_layers=gpu_layers,
-            main_gpu=opts.main_gpu,
             use_mmap=opts.use_mmap,
             verbose=False,
+            **placed,
         )
 
     def _context_class(self) -> type[Llama]:
@@ -232,6 +271,34 @@ class LlmEngine:
         for llama in idle:
             llama.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# -- GPU placement of a context -----------------------------------------------------------------------
+SPLIT_MODE_NONE = 0  # llama_cpp.LLAMA_SPLIT_MODE_NONE: every offloaded layer on main_gpu, no other device
+
+
+def context_params(
+    options: LlamaOptions, *, lease: GpuLease | None, target: ExecutionTarget, offload: bool
+) -> dict[str, Any]:
+    """The GPU arguments of a ``Llama`` context: ``n_gpu_layers``, ``main_gpu`` and, on a lease, ``split_mode``.
+
+    A live lease: ``n-gpu-layers`` layers on the leased device alone (as the ggml WASI-NN backend places
+    its graphs), when this llama.cpp can offload at all (``offload``), else none. No lease where the
+    scheduler placed the version (``target`` cpu, ``auto`` that fell back, or a lease given back): none,
+    the backend must not take a GPU the scheduler did not give. A version no scheduler placed (``auto``
+    or ``gpu`` kept): the model's own ``n-gpu-layers`` and ``main-gpu``.
+    """
+    if lease is not None and not lease.released:
+        layers = options.n_gpu_layers if offload else 0
+        if layers == 0:
+            return {"n_gpu_layers": 0, "main_gpu": options.main_gpu}
+        return {"n_gpu_layers": layers, "main_gpu": lease.index, "split_mode": SPLIT_MODE_NONE}
+    if lease is not None or target is ExecutionTarget.CPU:
+        return {"n_gpu_layers": 0, "main_gpu": options.main_gpu}
+    return {"n_gpu_layers": options.n_gpu_layers if offload else 0, "main_gpu": options.main_gpu}
+
+
+# -- end GPU placement
 
 
 def _iterate(result: Any) -> Iterator[dict[str, Any]]:

@@ -33,6 +33,7 @@ from agent.llm.metrics import LlmMetrics
 from agent.llm.options import LlamaOptions
 from agent.llm.params import GenerationRequest
 from agent.llm.settings import LlmSettings
+from agent.wasinn.abi import ExecutionTarget
 
 if TYPE_CHECKING:
     from agent.models import ModelManager
@@ -109,6 +110,10 @@ class LlmService:
             options=options,
             slots=self.settings.max_concurrency,
             on_tokens=tokens.inc,
+            # The version's GPU placement from its admission at load (agent/runtime/nn.py): a lease
+            # puts the context on that device and each generation in one of its compute slots.
+            gpu_lease=loaded.nn_version.gpu_lease if loaded.nn_version is not None else None,
+            target=loaded.nn_version.placed_target if loaded.nn_version is not None else ExecutionTarget.AUTO,
         )
         served = _Served(
             engine=engine,

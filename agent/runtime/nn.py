@@ -44,6 +44,7 @@ class NnVersion:
         lease = gpu.admit(self.label, self.spec.gpu_memory_mb, self.spec.target) if gpu is not None else None
         self.gpu_lease = lease
         target, options = placement(self.target, lease) if gpu is not None else (self.target, {})
+        self.placed_target = target  # where admission put it: the OpenAI engine (agent/llm) places by it too
         self.named = NamedModels(
             registry=registry,
             models={
