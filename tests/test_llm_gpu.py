@@ -268,6 +268,7 @@ def test_a_generation_that_cannot_get_a_slot_in_time_is_a_503_gpu_busy(gpu_agent
     message = body["error"]["message"]
     assert "otherchat:1 waited 0.05s for a slot on cuda:0" in message and "held by tinychat:1" in message
     assert body["error"]["type"] == "server_error"
+    assert body["error"]["code"] == "gpu_busy"  # the agent's wire code: retryable, unlike a broken model
     assert gpu_models(agent)["otherchat:1"]["calls"] == 0  # refused: no GPU time
     # Streamed, the head is out before the generation starts: the refusal is the stream's error event.
     host, port = agent.url.split("//")[1].split(":")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from agent.errors import AgentError, NotFound
+from agent.errors import AgentError, GpuBusy, NotFound
 from agent.llm.admission import Overloaded
 from agent.llm.engine import ContextOverflow
 from agent.llm.params import InvalidField, parse_chat, parse_completion
@@ -141,6 +141,8 @@ def _failure(generation: Generation, exc: Exception) -> tuple[int, str, str | No
     """(status, message, code) of a failed generation."""
     if isinstance(exc, ContextOverflow):
         return 400, str(exc), "context_length_exceeded"
+    if isinstance(exc, GpuBusy):
+        return exc.http_status, str(exc), exc.wire_code  # "gpu_busy": a client may retry, unlike a broken model
     if isinstance(exc, AgentError):
         return exc.http_status, str(exc), None
     loaded = generation.loaded
