@@ -255,28 +255,32 @@ def engine_for_make() -> str:
     return shlex.join(podman_command())
 
 
-def build_image_ids(build_output: str) -> set[str]:
-    """The image IDs a `podman build` printed (`--> ID`, `--> Using cache ID`): its stages' layers."""
-    return set(re.findall(r"^--> (?:Using cache )?([0-9a-f]{11,64})\s*$", build_output, re.M))
+def build_image_ids(build_output: str) -> list[str]:
+    """The image IDs a `podman build` printed (`--> ID`, `--> Using cache ID`), in build order."""
+    ids = re.findall(r"^--> (?:Using cache )?([0-9a-f]{11,64})\s*$", build_output, re.M)
+    return list(dict.fromkeys(ids))
 
 
-def prune_previous_build(record: str, *, keep: set[str]) -> None:
-    """Remove the untagged images an earlier build recorded under `record`, except those in `keep`.
+def prune_previous_build(record: str, *, keep: list[str]) -> None:
+    """Remove the images the build recorded under `record` made, except those in `keep`.
 
     With the vfs driver every layer is a full copy of the file system, so each build of changed
     sources would leave gigabytes behind. `keep` (this build's images, build_image_ids) is recorded
-    in its place, so only the latest build's intermediate images, its layer cache, stay. Images other
-    builds made (other tests share this storage) are never touched; `podman image prune` would remove
-    those, and this build's cache too, as a final image FROM scratch does not descend from it.
+    in its place, so only the latest build's images, its layer cache, stay. Images other builds made
+    (other tests share this storage) are never touched; `podman image prune` would remove those,
+    and this build's cache too, as a final image FROM scratch does not descend from it. An image
+    that another one still builds on is refused by `podman rmi` and stays.
     """
     path = CACHE_ROOT / f"{record}.image-ids"
-    earlier = set(path.read_text().split()) if path.exists() else set()
-    dangling = {
-        i.removeprefix("sha256:")
-        for i in podman("images", "--filter", "dangling=true", "--quiet", "--no-trunc", check=False).stdout.split()
-    }
-    for image_id in sorted(dangling):
-        mine = any(image_id.startswith(e) for e in earlier)
-        if mine and not any(image_id.startswith(k) for k in keep):
+    earlier = path.read_text().split() if path.exists() else []
+    for image_id in reversed(earlier):  # children before their parents
+        if not any(image_id.startswith(k) or k.startswith(image_id) for k in keep):
             podman("rmi", image_id, check=False)
-    path.write_text("\n".join(sorted(keep)) + "\n")
+    path.write_text("\n".join(keep) + "\n")
+
+
+def shared_base() -> str:
+    """The one base every container test builds on: python3, systemd (the bundle runs under it as PID 1) and
+    venv. The image build uses it too (its final stage starts from scratch, so the base's extra packages do not
+    reach the image): one debootstrap per cache instead of two on a fresh CI machine."""
+    return local_base(python=True, systemd=True, packages=("python3-venv",))

@@ -364,7 +364,7 @@ def wait_for(condition: Any, what: str, log: Path | None = None, timeout: float 
 # --- The bundle under a real systemd -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def systemd_container(bundle_factory: Any) -> Iterator[Any]:
-    from containerkit import RUN_ARGS, local_base, podman, remove_container, unavailable
+    from containerkit import RUN_ARGS, podman, remove_container, shared_base, unavailable
 
     reason = unavailable()
     if reason:
@@ -373,7 +373,7 @@ def systemd_container(bundle_factory: Any) -> Iterator[Any]:
         pytest.skip("the container test's Debian base and bundle are for x86_64")
     # The container's python3 is Debian bookworm's 3.11: the bundle's wheels must be cp311.
     tarball = bundle_factory("3.11")
-    base = local_base(python=True, systemd=True, packages=("python3-venv",))
+    base = shared_base()
     name = f"edge-agent-bundle-test-{os.getpid()}"
     remove_container(name)
     podman("run", "-d", "--name", name, *RUN_ARGS, "--systemd=always",

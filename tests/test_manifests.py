@@ -341,13 +341,16 @@ def test_files_the_overlay_config_names_are_where_the_daemonset_mounts_secrets()
 def test_the_containerfile_installs_only_the_wheel_and_runs_unprivileged() -> None:
     text = (MANIFESTS / "Containerfile").read_text()
     stages = re.split(r"(?m)^FROM ", text)[1:]
-    assert len(stages) == 2, "a build stage and a runtime stage"
-    final = stages[-1]
+    assert len(stages) == 3, "a build stage, a runtime stage and the flattened image"
+    runtime, final = stages[1], stages[2]
     user = re.search(r"(?m)^USER (\S+)", final)
     assert user and user.group(1).split(":")[0] not in ("0", "root")
     uid = int(user.group(1).split(":")[0])
     assert daemonset_pod()["securityContext"]["runAsUser"] == uid
     # Nothing from the source tree reaches the runtime image: only wheels, offline.
-    assert not re.search(r"(?m)^(COPY|ADD) ", final)
-    assert "--no-index" in final and "from=build" in final
+    assert not re.search(r"(?m)^(COPY|ADD) ", runtime)
+    assert "--no-index" in runtime and "from=build" in runtime
+    assert final.startswith("scratch")
+    assert re.findall(r"(?m)^(?:COPY|ADD) .*", final) == ["COPY --from=runtime /rootfs /"]
     assert re.search(r"(?m)^ENTRYPOINT \[\"edge-agent\"\]", final)
+    assert re.search(r"(?m)^HEALTHCHECK .*/v2/health/ready", final.replace("\\\n", ""))
