@@ -136,7 +136,9 @@ def cmd_run(argv: Sequence[str]) -> int:
         llama_options["seed"] = args.nn_seed
     if args.nn_threads is not None:
         llama_options["threads"] = args.nn_threads
-    registry = BackendRegistry(available=discover(), options={"llama.cpp": llama_options})
+    # The operator names the model files here: an ONNX model may keep its weights beside it (external data).
+    options = {"llama.cpp": llama_options, "onnxruntime": {"external_data": True}}
+    registry = BackendRegistry(available=discover(), options=options)
     preloads: list[NamedModel] = args.nn_preload
     named = named_models(registry, preloads)
     try:

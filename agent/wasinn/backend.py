@@ -162,6 +162,9 @@ class NamedModels:
     models: dict[str, NamedModel] = field(default_factory=dict)
     # Applied to every graph loaded here (GpuGraph: a leased version's computes hold a GPU slot).
     wrap: Callable[[Graph], Graph] | None = None
+    # Graphs per name (one per distinct guest config, each a whole load of the model, kept until the
+    # version goes): a guest varying its config must not load the model again without end.
+    max_configs: int = 16
     _graphs: dict[tuple[str, str], Graph] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -174,6 +177,8 @@ class NamedModels:
         with self._lock:
             graph = self._graphs.get(key)
             if graph is None:
+                if sum(1 for n, _ in self._graphs if n == name) >= self.max_configs:
+                    raise NnError(Errno.TOO_LARGE, f"model {name!r} is loaded with {self.max_configs} configs already")
                 # The model's defaults, then the guest's config, then the node's placement (which wins).
                 options = {**model.defaults, **config, **model.options}
                 graph = self.registry.get(model.encoding).load_file(model.path, model.target, options)

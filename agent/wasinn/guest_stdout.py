@@ -15,8 +15,16 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 Sink = Callable[[bytes], None] | None
-# The current run's stdout; None: the process's own (fd 1), as WasmEdge writes it.
-_SINK: ContextVar[Sink] = ContextVar("wasinn_guest_stdout", default=None)
+
+
+def _discard(data: bytes) -> None:
+    return None
+
+
+# The current run's stdout; None: the process's own (fd 1), as WasmEdge writes it. Outside a
+# command run (a reactor app served by the agent) nothing: the agent's stdout is its log stream,
+# where a guest's text could pass for the agent's own lines.
+_SINK: ContextVar[Sink] = ContextVar("wasinn_guest_stdout", default=_discard)
 
 
 @contextmanager

@@ -59,7 +59,9 @@ BYTE_STREAM_BACKENDS = frozenset({"llama.cpp"})
 
 @dataclass(frozen=True)
 class NnLimits:
-    max_graph_bytes: int = 1 << 30  # the sum of a ``load`` call's builders (the guest's own memory bounds it too)
+    # The builders of the graphs an instance loads itself (``load``) and holds at once: one load's,
+    # or all of them together (each is a backend's copy: in memory, or a llama.cpp temp file).
+    max_graph_bytes: int = 1 << 30
     max_tensor_bytes: int = 256 << 20
     max_name_bytes: int = 4096
     max_config_bytes: int = 1 << 20
@@ -87,6 +89,7 @@ class NnHost:
         self._contexts: dict[int, ExecutionContext] = {}
         self._graph_of_context: dict[int, Graph] = {}
         self._next_graph = 0
+        self._owned_bytes: dict[int, int] = {}  # graph handle -> its builders' size, for graphs from ``load``
         self._next_context = 0
         self._by_name: dict[tuple[str, str], int] = {}
         self._on_call = on_call
@@ -158,13 +161,17 @@ class NnHost:
         raw = mem.read(builders_ptr, BUILDER_STRUCT.size * count, "graph builder array")
         spans = [BUILDER_STRUCT.unpack_from(raw, i * BUILDER_STRUCT.size) for i in range(count)]
         total = sum(length for _, length in spans)
-        if total > self._limits.max_graph_bytes:
-            raise NnError(Errno.TOO_LARGE, f"graph of {total} bytes, more than {self._limits.max_graph_bytes}")
+        held = sum(self._owned_bytes.values())
+        if total + held > self._limits.max_graph_bytes:
+            loaded = f" and {held} loaded already" if held else ""
+            raise NnError(Errno.TOO_LARGE, f"graph of {total} bytes{loaded}, more than {self._limits.max_graph_bytes}")
         tgt = _target(target)
         backend = self._registry.get(encoding)
         builders = [mem.read(ptr, length, f"graph builder {i}") for i, (ptr, length) in enumerate(spans)]
         graph = backend.load_bytes(builders, tgt, {})
-        mem.write_u32(out, self._add_graph(graph, owned=True), "graph handle result")
+        handle = self._add_graph(graph, owned=True)
+        self._owned_bytes[handle] = total
+        mem.write_u32(out, handle, "graph handle result")
 
     def _load_by_name(self, mem: GuestMemory, name_ptr: int, name_len: int, out: int) -> None:
         self._named_load(mem, name_ptr, name_len, None, out)
@@ -272,6 +279,7 @@ class NnHost:
         if entry is None:
             raise NnError(Errno.INVALID_ARGUMENT, f"no graph with handle {graph_handle}")
         graph, owned = entry
+        self._owned_bytes.pop(graph_handle, None)
         self._by_name = {k: h for k, h in self._by_name.items() if h != graph_handle}
         for handle in [h for h, g in self._graph_of_context.items() if g is graph]:
             self._drop_context(handle)
@@ -300,6 +308,7 @@ class NnHost:
             if owned:
                 graph.close()
         self._graphs.clear()
+        self._owned_bytes.clear()
         self._by_name.clear()
 
 

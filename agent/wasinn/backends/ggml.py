@@ -36,16 +36,18 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import llama_cpp
 import orjson
@@ -61,6 +63,19 @@ GGUF_MAGIC = b"GGUF"
 DEFAULT_SEED = llama_cpp.LLAMA_DEFAULT_SEED  # 0xFFFFFFFF: a random seed per sampler reset
 # Options parsed before the model is known are bounded by this; the graph's own bound follows.
 PARSE_MAX_CTX = 1 << 24
+# A prompt longer than this many bytes per token of the largest context can never be evaluated;
+# refused before tokenizing, which costs tens of bytes of memory per prompt byte (hostile review).
+MAX_PROMPT_BYTES_PER_TOKEN = 128
+# A grammar, or a JSON schema (which llama-cpp-python's converter turns into one): llama.cpp's parse
+# grows with its text; real ones are kilobytes.
+MAX_GRAMMAR_BYTES = 1 << 20
+# The converter writes a rule out once per repetition a schema asks for (minLength, maxItems, a
+# pattern's {m,n}: 10**8 is a 500 MB grammar); their sum bounds what it writes.
+MAX_SCHEMA_REPEATS = 1 << 16
+_SCHEMA_REPEAT_KEYS = frozenset(
+    {"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties", "minContains", "maxContains"}
+)
+_QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 
 @llama_cpp.llama_log_callback
@@ -186,6 +201,8 @@ def parse_options(base: GgmlOptions, raw: bytes | str | dict[str, Any], *, max_c
             continue
         name, kind = spec
         changes[name] = _typed(key, value, kind)
+        if name == "grammar" and len(changes[name]) > MAX_GRAMMAR_BYTES * (4 if kind == "json-schema" else 1):
+            raise NnError(Errno.INVALID_ARGUMENT, f"ggml option {key!r} makes a grammar of {len(changes[name])} bytes")
     for name in _NON_NEGATIVE:
         if name in changes and changes[name] < 0:
             changes[name] = 0.0
@@ -220,11 +237,44 @@ def _typed(key: str, value: Any, kind: str) -> Any:
         from llama_cpp.llama_grammar import json_schema_to_gbnf
 
         schema = value if isinstance(value, str) else orjson.dumps(value).decode()
+        if len(schema) > MAX_GRAMMAR_BYTES:
+            raise NnError(Errno.INVALID_ARGUMENT, f"ggml option 'json-schema' is {len(schema)} bytes")
+        try:
+            repeats = _schema_repeats(orjson.loads(schema))
+        except orjson.JSONDecodeError as exc:
+            raise NnError(Errno.INVALID_ARGUMENT, f"ggml option 'json-schema' is not JSON: {exc}") from None
+        if repeats > MAX_SCHEMA_REPEATS:
+            raise NnError(
+                Errno.INVALID_ARGUMENT,
+                f"ggml option 'json-schema' asks for {repeats} repetitions (minLength, maxItems, patterns' {{m,n}}...);"
+                f" at most {MAX_SCHEMA_REPEATS}",
+            )
         try:
             return json_schema_to_gbnf(schema)
         except Exception as exc:  # noqa: BLE001 -- the converter raises assorted errors on a bad schema
             raise NnError(Errno.INVALID_ARGUMENT, f"ggml option 'json-schema': {exc}") from None
     raise NnError(Errno.INVALID_ARGUMENT, f"ggml option {key!r} must be a JSON {kind}, got {value!r:.80}")
+
+
+def _schema_repeats(schema: Any) -> int:
+    """The sum of the repetitions a JSON schema asks for (each is a rule written out that many times)."""
+    total, stack = 0, [schema]
+    while stack:  # iterative: a schema nests as deep as its JSON (orjson allows 1024 levels)
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _SCHEMA_REPEAT_KEYS and isinstance(value, int | float) and not isinstance(value, bool):
+                    total += max(int(value), 0)
+                elif key == "pattern" and isinstance(value, str):
+                    for found in _QUANTIFIER.finditer(value):
+                        # A number too long to convert cheaply is surely too large.
+                        for digits in filter(None, found.groups()):
+                            total += int(digits) if len(digits) <= 9 else MAX_SCHEMA_REPEATS + 1
+                else:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return total
 
 
 class GgmlBackend:
@@ -328,7 +378,23 @@ class GgmlGraph:
         self._live_contexts = 0  # llama.cpp contexts (KV caches) allocated now
         self._lock = threading.Lock()
         self._contexts: weakref.WeakSet[GgmlContext] = weakref.WeakSet()
+        # Context calls running now (enter/leave): a graph closed meanwhile (a version unloaded after
+        # its drain timed out) is freed by the last of them, never under them.
+        self._busy = 0
         self.closed = False
+
+    def enter(self) -> None:
+        with self._lock:
+            if self.closed:
+                raise NnError(Errno.INVALID_ARGUMENT, "the graph was unloaded")
+            self._busy += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            last = self.closed and self._busy == 0
+        if last:
+            self._free()
 
     def init_execution_context(self) -> GgmlContext:
         with self._lock:
@@ -359,13 +425,21 @@ class GgmlGraph:
             self._live_contexts -= 1
 
     def tokenize(self, text: bytes) -> list[int]:
+        # A prompt no context of this graph could hold is refused before llama.cpp tokenizes it
+        # (its memory grows with the text) and its tokens are never held beyond that bound.
+        # The bound allows for llama.cpp padding a context up to a multiple of 256 tokens.
+        limit = self.max_ctx_size + 256
+        if len(text) > self.max_ctx_size * MAX_PROMPT_BYTES_PER_TOKEN:
+            raise NnError(Errno.PROMPT_TOO_LONG, f"the prompt is {len(text)} bytes; no context here holds it")
         # At most one token per byte, plus BOS/EOS.
-        room = len(text) + 8
+        room = min(len(text) + 8, limit)
         while True:
             buf = (llama_cpp.llama_token * room)()
             n = llama_cpp.llama_tokenize(self.vocab, text, len(text), buf, room, True, True)
             if n >= 0:
                 return list(buf[:n])
+            if -n > limit:
+                raise NnError(Errno.PROMPT_TOO_LONG, f"the prompt is {-n} tokens; at most {limit} fit a context here")
             room = -n
 
     def piece(self, token: int) -> bytes:
@@ -386,12 +460,38 @@ class GgmlGraph:
             if self.closed:
                 return
             self.closed = True
+            if self._busy:
+                return  # the last running call frees it (leave); its generation stops at its next token
+        self._free()
+
+    def _free(self) -> None:
+        with self._lock:
             contexts = list(self._contexts)
+            model, self._model = self._model, None
+        if model is None:
+            return
         # Contexts first: a llama context must not outlive its model.
         for ctx in contexts:
             ctx.close()
-        llama_cpp.llama_model_free(self._model)
-        self._model = None
+        llama_cpp.llama_model_free(model)
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _in_use(method: Callable[Concatenate[GgmlContext, _P], _T]) -> Callable[Concatenate[GgmlContext, _P], _T]:
+    """A WASI-NN call on a context: its graph's model stays alive until the call returns."""
+
+    @functools.wraps(method)
+    def call(self: GgmlContext, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        self._graph.enter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._graph.leave()
+
+    return call
 
 
 class GgmlContext:
@@ -411,6 +511,7 @@ class GgmlContext:
         self._n_pos = 0
         self._single_started = False
         self.closed = False
+        self._close_lock = threading.Lock()  # closed by its instance, or with its graph on another thread
 
     # -- logging (enable-log: the backend's own lines on stderr, as WasmEdge prints them) --------
     def _info(self, message: str) -> None:
@@ -426,9 +527,12 @@ class GgmlContext:
             return self._lctx
         self._free_context()
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = opts.ctx_size or self._graph.n_ctx_train
+        # 0: the trained context (WasmEdge), within the node's bound on the KV cache a guest may make.
+        params.n_ctx = opts.ctx_size or min(self._graph.n_ctx_train, self._graph.max_ctx_size)
         params.n_batch = opts.batch_size
-        params.n_ubatch = min(opts.ubatch_size, opts.batch_size)
+        # An embedding is computed in one micro-batch (as llama.cpp's embedding example sizes it):
+        # a non-causal model asserts (abort) on a decode larger than its micro-batch.
+        params.n_ubatch = opts.batch_size if opts.embedding else min(opts.ubatch_size, opts.batch_size)
         params.n_threads = opts.threads
         params.n_threads_batch = opts.threads_batch or opts.threads
         params.embeddings = opts.embedding
@@ -453,7 +557,8 @@ class GgmlContext:
             chain,
             llama_cpp.llama_sampler_init_penalties(
                 self._graph.n_vocab,
-                opts.last_n_penalty,
+                # llama.cpp allocates this window at once (2**31 tokens: 8 GiB); none can outgrow the context.
+                min(opts.last_n_penalty, self._n_ctx),
                 opts.repeat_penalty,
                 opts.frequency_penalty,
                 opts.presence_penalty,
@@ -502,7 +607,9 @@ class GgmlContext:
         if self._n_pos + len(tokens) > self._n_ctx:
             self._info(f"the context is full ({self._n_pos + len(tokens)} / {self._n_ctx} tokens)")
             raise NnError(Errno.CONTEXT_FULL, f"context full ({self._n_pos + len(tokens)} > {self._n_ctx} tokens)")
-        step = self.options.batch_size
+        # llama.cpp clamps its batch to the ctx-size asked for (and a non-causal model's to its
+        # micro-batch) and asserts -- abort() -- on a larger decode: pieces of its own micro-batch.
+        step = int(llama_cpp.llama_n_ubatch(self._lctx))
         for start in range(0, len(tokens), step):
             chunk = tokens[start : start + step]
             arr = (llama_cpp.llama_token * len(chunk))(*chunk)
@@ -522,6 +629,8 @@ class GgmlContext:
     def _sample(self, single: bool) -> None:
         """One token: sample, append its text, stop on reverse prompt or end of generation, evaluate it."""
         graph = self._graph
+        if graph.closed:
+            raise NnError(Errno.INVALID_ARGUMENT, "the graph was unloaded")
         token = int(llama_cpp.llama_sampler_sample(self._sampler_chain(), self._lctx, -1))  # also accepts it
         self._output_tokens.append(token)
         piece = graph.piece(token)
@@ -538,6 +647,7 @@ class GgmlContext:
         self._evaluate([token])
 
     # -- the WASI-NN calls ----------------------------------------------------------------------
+    @_in_use
     def set_input(self, index: int, tensor: Tensor) -> None:
         self._check_open()
         if index == 1:
@@ -550,6 +660,7 @@ class GgmlContext:
             self._n_pos = 0
         self._single_started = False
 
+    @_in_use
     def compute(self) -> None:
         self._check_open()
         self._clear()
@@ -567,10 +678,11 @@ class GgmlContext:
                 raise
 
     def _embed(self) -> None:
-        if len(self._inputs) > self.options.batch_size:
+        batch = min(self.options.batch_size, int(llama_cpp.llama_n_ubatch(self._lctx)))
+        if len(self._inputs) > batch:
             raise NnError(
                 Errno.PROMPT_TOO_LONG,
-                f"the input is {len(self._inputs)} tokens, more than batch-size {self.options.batch_size}",
+                f"the input is {len(self._inputs)} tokens, more than batch-size {batch}",
             )
         self._evaluate_input()
         n = self._graph.n_embd
@@ -586,12 +698,14 @@ class GgmlContext:
         body = ",".join(format(v * scale, ".10g") for v in values)
         self._outputs = bytearray(f'{{"n_embedding": {n}, "embedding": [{body}]}}'.encode())
 
+    @_in_use
     def get_output(self, index: int) -> bytes:
         self._check_open()
         if index == 1:
             return self._metadata()
         return bytes(self._outputs)
 
+    @_in_use
     def compute_single(self) -> None:
         self._check_open()
         try:
@@ -604,6 +718,7 @@ class GgmlContext:
             self._single_started = False
             raise
 
+    @_in_use
     def get_output_single(self, index: int) -> bytes:
         self._check_open()
         if index == 1:
@@ -612,6 +727,7 @@ class GgmlContext:
             return b""
         return self._graph.piece(self._output_tokens[-1])
 
+    @_in_use
     def fini_single(self) -> None:
         self._check_open()
         self._outputs.clear()
@@ -636,9 +752,10 @@ class GgmlContext:
             raise NnError(Errno.INVALID_ARGUMENT, "the execution context was closed with its graph")
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+        with self._close_lock:
+            if self.closed:
+                return
+            self.closed = True
         self._free_sampler()
         self._free_context()
         self._inputs = []

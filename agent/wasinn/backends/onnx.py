@@ -8,6 +8,7 @@ than copied through Python.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,18 @@ class OnnxBackend:
         # intra-op threads per session: 0 lets onnxruntime pick (one per core).
         self._threads = int(options.get("intra_op_threads", 0))
         self._providers = ort.get_available_providers()
+        # external_data: a model file's initializers may lie in files beside it (ONNX's external data).
+        # Off unless the operator names the files (`wasi run --nn-preload`): an image's weights blob lies
+        # beside every other blob of the store, and a guest's bytes would resolve against the agent's
+        # working directory ("/" under systemd), so any file it can read could become a weight.
+        self._external_data = bool(options.get("external_data", False))
 
     def describe(self) -> dict[str, Any]:
         devices = ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in self._providers else [])
         return {"version": ort.__version__, "devices": devices}
 
     def _session(
-        self, model: bytes | str, target: ExecutionTarget, config: dict[str, Any]
+        self, model: bytes | str, target: ExecutionTarget, config: dict[str, Any], *, external_data: bool = False
     ) -> tuple[ort.InferenceSession, str]:
         providers: list[Any] = ["CPUExecutionProvider"]
         device = "cpu"
@@ -60,10 +66,15 @@ class OnnxBackend:
             raise NnError(Errno.UNSUPPORTED_OPERATION, "target tpu is not supported by the onnxruntime backend")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self._threads
-        try:
-            session = ort.InferenceSession(model, sess_options=opts, providers=providers)
-        except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own classes for a bad model
-            raise NnError(Errno.INVALID_ARGUMENT, f"onnxruntime cannot load the model: {exc}") from None
+        with tempfile.TemporaryDirectory(prefix="edge-agent-onnx-") as empty:
+            if not external_data:
+                # External data resolves in an empty directory of ours (onnxruntime refuses absolute
+                # paths and ones that leave it): a model naming any is refused, "does not exist".
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
+            try:
+                session = ort.InferenceSession(model, sess_options=opts, providers=providers)
+            except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own classes for a bad model
+                raise NnError(Errno.INVALID_ARGUMENT, f"onnxruntime cannot load the model: {exc}") from None
         return session, device
 
     def load_bytes(self, builders: Sequence[bytes], target: ExecutionTarget, config: dict[str, Any]) -> OnnxGraph:
@@ -73,7 +84,7 @@ class OnnxBackend:
         return OnnxGraph(session, device)
 
     def load_file(self, path: Path, target: ExecutionTarget, config: dict[str, Any]) -> OnnxGraph:
-        session, device = self._session(str(path), target, config)
+        session, device = self._session(str(path), target, config, external_data=self._external_data)
         return OnnxGraph(session, device)
 
 

@@ -20,7 +20,9 @@ TorchScript model never pays for torch.
 from __future__ import annotations
 
 import io
+import re
 import sys
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,15 @@ import torch
 
 from agent.wasinn.abi import DTYPES, Errno, ExecutionTarget, GraphEncoding, NnError
 from agent.wasinn.backend import Tensor
+
+# TorchScript operators that open a file by name, with the agent's rights: torch.from_file reads any
+# file (and with shared=True writes it), torch.save writes one, debugprims::load_tensor reads one.
+# A model's code runs from torch.jit.load on (a module's __setstate__ runs during the load), so an
+# archive whose code (its ``code/**.py``, from which torch.jit.load compiles it) names one is refused
+# before it is loaded. Operator names are static in TorchScript: code cannot build one from a string.
+_FILE_OPS = re.compile(rb"\b(?:from_file|save|load_tensor)\b")
+# All of a TorchScript archive's code, decompressed: far more than any real model's.
+_MAX_CODE_BYTES = 64 << 20
 
 
 class TorchScriptBackend:
@@ -74,6 +85,7 @@ class TorchScriptBackend:
 
     def _load(self, source: str | io.BytesIO, target: ExecutionTarget, config: dict[str, Any]) -> TorchScriptGraph:
         device = self._device(target, config)
+        _check_code(source)
         try:
             module = torch.jit.load(source, map_location=device)
         except Exception as exc:  # noqa: BLE001 -- torch raises RuntimeError, ValueError, zipfile errors for a bad file
@@ -192,6 +204,35 @@ class TorchScriptContext:
     def close(self) -> None:
         self._inputs.clear()
         self._outputs = None
+
+
+def _check_code(source: str | io.BytesIO) -> None:
+    """Refuse an archive whose TorchScript code calls a file operator (see ``_FILE_OPS``), before torch reads it."""
+    budget = _MAX_CODE_BYTES
+    try:
+        with zipfile.ZipFile(source) as archive:
+            # Every .py entry, duplicates included: torch's own zip reader must find nothing unseen here.
+            for info in archive.infolist():
+                if not info.filename.endswith(".py"):
+                    continue
+                with archive.open(info) as fh:
+                    code = fh.read(budget + 1)
+                budget -= len(code)
+                if budget < 0:
+                    raise NnError(Errno.TOO_LARGE, f"the archive's TorchScript code exceeds {_MAX_CODE_BYTES} bytes")
+                found = _FILE_OPS.search(code)
+                if found is not None:
+                    op = found.group().decode()
+                    raise NnError(
+                        Errno.INVALID_ARGUMENT, f"the TorchScript code ({info.filename}) calls {op}, a file operation"
+                    )
+    except NnError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- zipfile and zlib raise assorted errors on a bad archive
+        raise NnError(Errno.INVALID_ARGUMENT, f"not a TorchScript archive torch.jit.load reads: {exc}") from None
+    finally:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
 
 
 def _tensors(result: Any) -> list[torch.Tensor]:
