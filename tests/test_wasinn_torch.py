@@ -154,7 +154,17 @@ class Guest:
 def registry() -> BackendRegistry:
     available = discover(["torchscript"])
     assert [info.name for info in available] == ["torchscript"]
-    return BackendRegistry(available=available)
+    # These tests load the guests' own bytes, as `edge-agent wasi run` allows; a served node refuses that.
+    return BackendRegistry(available=available, options={"torchscript": {"guest_bytes": True}})
+
+
+def test_a_node_refuses_torchscript_from_a_guests_bytes_by_default(tmp_path: Path) -> None:
+    """TorchScript is code PyTorch does not sandbox: served, it comes only from a signed image's weights."""
+    backend = BackendRegistry(available=discover(["torchscript"])).get(GraphEncoding.PYTORCH)
+    _, data, _ = two_heads(tmp_path)
+    with pytest.raises(NnError) as caught:
+        backend.load_bytes([data], ExecutionTarget.CPU, {})
+    assert caught.value.errno == Errno.UNSUPPORTED_OPERATION and "signed image" in str(caught.value)
 
 
 @pytest.fixture
@@ -306,7 +316,7 @@ def test_a_traced_module_and_intra_op_threads(tmp_path: Path) -> None:
     before = torch.get_num_threads()
     try:
         registry = BackendRegistry(
-            available=discover(["torchscript"]), options={"torchscript": {"intra_op_threads": 1}}
+            available=discover(["torchscript"]), options={"torchscript": {"intra_op_threads": 1, "guest_bytes": True}}
         )
         host = NnHost(registry=registry, named=NamedModels(registry=registry))
         guest = Guest(host)

@@ -137,7 +137,8 @@ def cmd_run(argv: Sequence[str]) -> int:
     if args.nn_threads is not None:
         llama_options["threads"] = args.nn_threads
     # The operator names the model files here: an ONNX model may keep its weights beside it (external data).
-    options = {"llama.cpp": llama_options, "onnxruntime": {"external_data": True}}
+    # The operator chose this app and its files: ONNX external data and TorchScript from the app's bytes are allowed.
+    options = {"llama.cpp": llama_options, "onnxruntime": {"external_data": True}, "torchscript": {"guest_bytes": True}}
     registry = BackendRegistry(available=discover(), options=options)
     preloads: list[NamedModel] = args.nn_preload
     named = named_models(registry, preloads)

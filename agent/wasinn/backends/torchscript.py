@@ -57,6 +57,10 @@ class TorchScriptBackend:
             torch.set_num_threads(threads)
         # The CUDA device a gpu/auto graph runs on unless its load config names one ("device_index").
         self._device_index = int(options.get("device_index", 0))
+        # TorchScript is code, and PyTorch does not sandbox it: served, a graph comes only from a signed
+        # image's weights layer, never from a guest's own `load` bytes. `edge-agent wasi run` allows it
+        # (the operator chose the app); [wasi_nn.torchscript] guest_bytes = true does on a node.
+        self._guest_bytes = bool(options.get("guest_bytes", False))
 
     def describe(self) -> dict[str, Any]:
         devices = ["cpu"]
@@ -96,6 +100,12 @@ class TorchScriptBackend:
     def load_bytes(
         self, builders: Sequence[bytes], target: ExecutionTarget, config: dict[str, Any]
     ) -> TorchScriptGraph:
+        if not self._guest_bytes:
+            raise NnError(
+                Errno.UNSUPPORTED_OPERATION,
+                "a TorchScript graph is code: it is loaded from a signed image's weights (load_by_name), not from "
+                "a guest's bytes ([wasi_nn.torchscript] guest_bytes = true allows it)",
+            )
         if len(builders) != 1:
             raise NnError(Errno.INVALID_ARGUMENT, f"a TorchScript graph is one builder, got {len(builders)}")
         return self._load(io.BytesIO(builders[0]), target, config)
