@@ -74,7 +74,12 @@ def build(path: Path, seed: int = 0) -> Path:
         # because it needs no onnxscript and writes the same graph.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            model, (example,), str(path), input_names=["input"], output_names=["logits"], opset_version=17,
+            model,
+            (example,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=17,
             dynamo=False,
         )
     return path

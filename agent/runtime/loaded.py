@@ -161,9 +161,31 @@ def load_version(
     spec, wasm, params = read_stored(blobs, record, module=module is None)
     if module is None:
         module = runtime.load_module(wasm, record.module_digest, validate=lambda m: _validate(spec, wasm, m))
+    pool = _make_pool(runtime, module, spec, params, settings, on_replace, budget)
+    try:
+        warm_up(spec, pool)
+    except BaseException:
+        pool.close()
+        raise
+    return LoadedModel(spec=spec, record=record, pool=pool, load_ms=(time.perf_counter() - start) * 1000)
+
+
+def _make_pool(
+    runtime: WasmRuntime,
+    module: wasmtime.Module,
+    spec: ModelSpec,
+    params: Mapping[str, np.ndarray],
+    settings: LoadSettings,
+    on_replace: Callable[[str], None] | None,
+    budget: InstanceBudget | None,
+    *,
+    nn: NnVersion | None = None,
+    abi: bool = True,
+) -> InstancePool:
+    """A version's pool, its memory cap and deadline the tighter of the node's and the model's own."""
     memory_mb = min(settings.memory_limit_mb, spec.memory_limit_mb or settings.memory_limit_mb)
     timeout_ms = min(settings.request_timeout_ms, spec.timeout_ms or settings.request_timeout_ms)
-    pool = InstancePool(
+    return InstancePool(
         runtime,
         module,
         spec,
@@ -175,13 +197,9 @@ def load_version(
         exports_checked=True,
         budget=budget,
         eager=settings.eager_instances,
+        nn=nn,
+        abi=abi,
     )
-    try:
-        warm_up(spec, pool)
-    except BaseException:
-        pool.close()
-        raise
-    return LoadedModel(spec=spec, record=record, pool=pool, load_ms=(time.perf_counter() - start) * 1000)
 
 
 def _load_nn_version(
@@ -216,23 +234,7 @@ def _load_nn_version(
                 validate=lambda m: _validate(spec, wasm, m, reactor=reactor),
                 allow_nn=True,
             )
-        memory_mb = min(settings.memory_limit_mb, spec.memory_limit_mb or settings.memory_limit_mb)
-        timeout_ms = min(settings.request_timeout_ms, spec.timeout_ms or settings.request_timeout_ms)
-        pool = InstancePool(
-            runtime,
-            module,
-            spec,
-            {},
-            size=settings.pool_size,
-            memory_limit_bytes=memory_mb * 1024 * 1024,
-            timeout_ms=timeout_ms,
-            on_replace=on_replace,
-            exports_checked=True,
-            budget=budget,
-            eager=settings.eager_instances,
-            nn=nn,
-            abi=reactor,
-        )
+        pool = _make_pool(runtime, module, spec, {}, settings, on_replace, budget, nn=nn, abi=reactor)
         try:
             if reactor:
                 warm_up(spec, pool)

@@ -42,6 +42,34 @@ class ExecutionContext(Protocol):
     def close(self) -> None: ...
 
 
+class ComputedOutputs:
+    """What onnxruntime and TorchScript contexts share: the outputs ``compute`` left, read by index, and no
+    streaming (WasmEdge's ``*_single`` calls are the ggml backend's)."""
+
+    _outputs: list[bytes] | None
+    _inputs: dict[int, Any]
+
+    def get_output(self, index: int) -> bytes:
+        if self._outputs is None:
+            raise NnError(Errno.INVALID_ARGUMENT, "get_output before compute")
+        if not 0 <= index < len(self._outputs):
+            raise NnError(Errno.INVALID_ARGUMENT, f"output index {index}; the graph has {len(self._outputs)} outputs")
+        return self._outputs[index]
+
+    def compute_single(self) -> None:
+        raise NnError(Errno.UNSUPPORTED_OPERATION, "compute_single is a ggml-backend call")
+
+    def get_output_single(self, index: int) -> bytes:
+        raise NnError(Errno.UNSUPPORTED_OPERATION, "get_output_single is a ggml-backend call")
+
+    def fini_single(self) -> None:
+        raise NnError(Errno.UNSUPPORTED_OPERATION, "fini_single is a ggml-backend call")
+
+    def close(self) -> None:
+        self._inputs.clear()
+        self._outputs = None
+
+
 class Graph(Protocol):
     backend: str
     # The device it runs on after the backend resolved the requested target ("cpu", "cuda:0").

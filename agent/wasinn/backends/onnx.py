@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from agent.wasinn.abi import DTYPES, Errno, ExecutionTarget, GraphEncoding, NnError, TensorType
-from agent.wasinn.backend import Tensor
+from agent.wasinn.backend import ComputedOutputs, Tensor
 
 # onnxruntime's type strings -> the WASI-NN tensor type a guest must pass.
 _ORT_TYPES: dict[str, TensorType] = {
@@ -106,7 +106,7 @@ class OnnxGraph:
         self.inputs = []
 
 
-class OnnxContext:
+class OnnxContext(ComputedOutputs):
     def __init__(self, graph: OnnxGraph):
         self._graph = graph
         self._inputs: dict[int, np.ndarray] = {}
@@ -136,23 +136,3 @@ class OnnxContext:
         except Exception as exc:  # noqa: BLE001 -- a shape the graph refuses, say
             raise NnError(Errno.RUNTIME_ERROR, f"onnxruntime: {exc}") from None
         self._outputs = [np.ascontiguousarray(r).tobytes() for r in results]
-
-    def get_output(self, index: int) -> bytes:
-        if self._outputs is None:
-            raise NnError(Errno.INVALID_ARGUMENT, "get_output before compute")
-        if not 0 <= index < len(self._outputs):
-            raise NnError(Errno.INVALID_ARGUMENT, f"output index {index}; the graph has {len(self._outputs)} outputs")
-        return self._outputs[index]
-
-    def compute_single(self) -> None:
-        raise NnError(Errno.UNSUPPORTED_OPERATION, "compute_single is a ggml-backend call")
-
-    def get_output_single(self, index: int) -> bytes:
-        raise NnError(Errno.UNSUPPORTED_OPERATION, "get_output_single is a ggml-backend call")
-
-    def fini_single(self) -> None:
-        raise NnError(Errno.UNSUPPORTED_OPERATION, "fini_single is a ggml-backend call")
-
-    def close(self) -> None:
-        self._inputs.clear()
-        self._outputs = None

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from agent.wasinn.abi import DTYPES, Errno, ExecutionTarget, GraphEncoding, NnError
-from agent.wasinn.backend import Tensor
+from agent.wasinn.backend import ComputedOutputs, Tensor
 
 # TorchScript operators that open a file by name, with the agent's rights: torch.from_file reads any
 # file (and with shared=True writes it), torch.save writes one, debugprims::load_tensor reads one.
@@ -153,7 +153,7 @@ class TorchScriptGraph:
             torch.cuda.empty_cache()
 
 
-class TorchScriptContext:
+class TorchScriptContext(ComputedOutputs):
     def __init__(self, graph: TorchScriptGraph):
         self._graph = graph
         self._inputs: dict[int, torch.Tensor] = {}
@@ -194,26 +194,6 @@ class TorchScriptContext:
             raise
         except Exception as exc:  # noqa: BLE001 -- a shape or dtype forward refuses: torch.jit raises RuntimeError
             raise NnError(Errno.RUNTIME_ERROR, f"torchscript forward: {exc}") from None
-
-    def get_output(self, index: int) -> bytes:
-        if self._outputs is None:
-            raise NnError(Errno.INVALID_ARGUMENT, "get_output before compute")
-        if not 0 <= index < len(self._outputs):
-            raise NnError(Errno.INVALID_ARGUMENT, f"output index {index}; forward returned {len(self._outputs)}")
-        return self._outputs[index]
-
-    def compute_single(self) -> None:
-        raise NnError(Errno.UNSUPPORTED_OPERATION, "compute_single is a ggml-backend call")
-
-    def get_output_single(self, index: int) -> bytes:
-        raise NnError(Errno.UNSUPPORTED_OPERATION, "get_output_single is a ggml-backend call")
-
-    def fini_single(self) -> None:
-        raise NnError(Errno.UNSUPPORTED_OPERATION, "fini_single is a ggml-backend call")
-
-    def close(self) -> None:
-        self._inputs.clear()
-        self._outputs = None
 
 
 def _check_code(source: str | io.BytesIO) -> None:
