@@ -182,6 +182,8 @@ def test_spec_pinned_pins_the_model_on_the_node_and_an_edit_moves_it(
     fake.create("scale", {"model": "scale", "version": "2", "pinned": True})
     agent = start_agent()
     eventually(lambda: agent.agent.db.get_model("scale").pinned, what="pinned by the resource")
+    # The flag is set as the reconcile starts; the pin holds once version 2 is reached and held.
+    eventually(lambda: agent.lifecycle.desired.held("k8s", "scale") == "2", what="version 2 held by the pin")
     assert served(agent) == "2"
     # A pin on the node, as `edge-agent pin` places: it holds against every
     # source, Kubernetes' own deploys included.
